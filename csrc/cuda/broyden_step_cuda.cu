@@ -1,0 +1,178 @@
+// CUDA kernel of impflow::broyden_step.
+//
+// A group of GROUP threads (a warp or several) owns one sample. Pass 1 accumulates the
+// per-slot dots in registers, reduces them within each warp by shuffles and across the warps
+// of the group through shared memory; pass 2 walks the sample's elements with the group's
+// threads side by side (coalesced), combines the history rows and writes the new pair and the
+// step. A sample lives in one block, so the block barrier orders the two passes.
+#include <ATen/ATen.h>
+#include <ATen/Dispatch.h>
+#include <ATen/OpMathType.h>
+#include <ATen/cuda/CUDAContext.h>
+#include <c10/cuda/CUDAGuard.h>
+#include <torch/library.h>
+
+#include <limits>
+
+#include "impflow/broyden_checks.h"
+#include "impflow/broyden_math.h"
+
+namespace impflow {
+namespace {
+
+constexpr int kBlockThreads = 256;
+constexpr int kWarp = 32;
+
+template <typename T>
+__device__ __forceinline__ T warp_sum(T x) {
+  for (int offset = kWarp / 2; offset > 0; offset /= 2) x += __shfl_down_sync(0xffffffffu, x, offset);
+  return x;
+}
+
+template <typename scalar_t, int GROUP>
+__global__ void __launch_bounds__(kBlockThreads)
+broyden_step_kernel(scalar_t* __restrict__ U, scalar_t* __restrict__ V,
+                    const scalar_t* __restrict__ dz, const scalar_t* __restrict__ dF,
+                    const scalar_t* __restrict__ F, const bool* __restrict__ active,
+                    scalar_t* __restrict__ step, int64_t B, int64_t m, int64_t d, int n_valid,
+                    int slot) {
+  using acc_t = at::opmath_type<scalar_t>;
+  constexpr int kGroupsPerBlock = kBlockThreads / GROUP;
+  constexpr int kWarpsPerGroup = GROUP / kWarp;
+  extern __shared__ unsigned char smem_raw[];
+  acc_t* smem = reinterpret_cast<acc_t*>(smem_raw);
+
+  const int group = threadIdx.x / GROUP;
+  const int rank = threadIdx.x % GROUP;  // thread index within the group
+  const int warp_in_group = rank / kWarp;
+  const int lane = threadIdx.x % kWarp;
+  const int64_t b = int64_t(blockIdx.x) * kGroupsPerBlock + group;
+  // Every thread reaches the barriers below, also those without a sample to work on.
+  const bool work = b < B && active[b];
+
+  const int n_dots = broyden_dots_size(n_valid);
+  acc_t* partial = smem + int64_t(group) * kWarpsPerGroup * n_dots;  // [warp][dot]
+
+  const scalar_t* Ub = U + b * m * d;
+  const scalar_t* Vb = V + b * m * d;
+  const scalar_t* dzb = dz + b * d;
+  const scalar_t* dFb = dF + b * d;
+  const scalar_t* Fb = F + b * d;
+
+  if (work) {
+    for (int i = 0; i < n_valid; ++i) {
+      acc_t a = 0, bb = 0, c = 0;
+      for (int64_t j = rank; j < d; j += GROUP) {
+        const acc_t v = Vb[i * d + j];
+        a += acc_t(dzb[j]) * acc_t(Ub[i * d + j]);
+        bb += v * acc_t(dFb[j]);
+        c += v * acc_t(Fb[j]);
+      }
+      a = warp_sum(a);
+      bb = warp_sum(bb);
+      c = warp_sum(c);
+      if (lane == 0) {
+        partial[warp_in_group * n_dots + 3 * i] = a;
+        partial[warp_in_group * n_dots + 3 * i + 1] = bb;
+        partial[warp_in_group * n_dots + 3 * i + 2] = c;
+      }
+    }
+    acc_t dz_dF = 0, dz_F = 0;
+    for (int64_t j = rank; j < d; j += GROUP) {
+      dz_dF += acc_t(dzb[j]) * acc_t(dFb[j]);
+      dz_F += acc_t(dzb[j]) * acc_t(Fb[j]);
+    }
+    dz_dF = warp_sum(dz_dF);
+    dz_F = warp_sum(dz_F);
+    if (lane == 0) {
+      partial[warp_in_group * n_dots + 3 * n_valid] = dz_dF;
+      partial[warp_in_group * n_dots + 3 * n_valid + 1] = dz_F;
+    }
+  }
+  __syncthreads();
+  // Sum the warps' partials into row 0 (each index is owned by one thread: no race).
+  if (work && kWarpsPerGroup > 1) {
+    for (int t = rank; t < n_dots; t += GROUP) {
+      acc_t s = partial[t];
+      for (int w = 1; w < kWarpsPerGroup; ++w) s += partial[w * n_dots + t];
+      partial[t] = s;
+    }
+  }
+  __syncthreads();
+  if (!work) {
+    if (b < B) {
+      for (int64_t j = rank; j < d; j += GROUP) step[b * d + j] = scalar_t(0);
+    }
+    return;  // no barrier follows
+  }
+  const acc_t* dots = partial;
+  const auto k = broyden_coefficients<acc_t>(dots, n_valid);
+
+  scalar_t* u_slot = U + b * m * d + int64_t(slot) * d;
+  scalar_t* v_slot = V + b * m * d + int64_t(slot) * d;
+  for (int64_t j = rank; j < d; j += GROUP) {
+    acc_t sum_u_b = 0, sum_v_a = 0, sum_u_c = 0;
+    for (int i = 0; i < n_valid; ++i) {
+      const acc_t u = Ub[i * d + j];
+      sum_u_b += u * dots[3 * i + 1];
+      sum_v_a += acc_t(Vb[i * d + j]) * dots[3 * i];
+      if (i != slot) sum_u_c += u * dots[3 * i + 2];  // the overwritten slot drops out
+    }
+    acc_t u_new, v_new, s;
+    broyden_element<acc_t>(dzb[j], dFb[j], Fb[j], sum_u_b, sum_v_a, sum_u_c, k, &u_new, &v_new, &s);
+    // Element j of the slot row is read above by this thread only, so writing it is safe.
+    u_slot[j] = scalar_t(u_new);
+    v_slot[j] = scalar_t(v_new);
+    step[b * d + j] = scalar_t(s);
+  }
+}
+
+template <typename scalar_t, int GROUP>
+void launch(at::Tensor& U, at::Tensor& V, const at::Tensor& dz, const at::Tensor& dF,
+            const at::Tensor& F, const at::Tensor& active, at::Tensor& step, int n_valid, int slot) {
+  using acc_t = at::opmath_type<scalar_t>;
+  const int64_t B = U.size(0), m = U.size(1), d = U.size(2);
+  constexpr int kGroupsPerBlock = kBlockThreads / GROUP;
+  const int64_t blocks = (B + kGroupsPerBlock - 1) / kGroupsPerBlock;
+  const size_t smem = size_t(kGroupsPerBlock) * (GROUP / kWarp) * broyden_dots_size(n_valid) *
+                      sizeof(acc_t);
+  TORCH_CHECK(smem <= 48 * 1024, "broyden_step: history too long for the CUDA kernel (n_valid = ",
+              n_valid, " needs ", smem, " bytes of shared memory, at most 49152); use m <= ",
+              (48 * 1024 / (kBlockThreads / kWarp * sizeof(acc_t)) - 2) / 3);
+  TORCH_CHECK(blocks <= int64_t(std::numeric_limits<int>::max()), "broyden_step: batch too large");
+  broyden_step_kernel<scalar_t, GROUP>
+      <<<unsigned(blocks), kBlockThreads, smem, at::cuda::getCurrentCUDAStream()>>>(
+          U.data_ptr<scalar_t>(), V.data_ptr<scalar_t>(), dz.data_ptr<scalar_t>(),
+          dF.data_ptr<scalar_t>(), F.data_ptr<scalar_t>(), active.data_ptr<bool>(),
+          step.data_ptr<scalar_t>(), B, m, d, n_valid, slot);
+  C10_CUDA_KERNEL_LAUNCH_CHECK();
+}
+
+at::Tensor broyden_step_cuda(at::Tensor& U, at::Tensor& V, const at::Tensor& dz_in,
+                             const at::Tensor& dF_in, const at::Tensor& F_in,
+                             const at::Tensor& active_in, int64_t slot, int64_t n_valid) {
+  check_broyden_step_args(U, V, dz_in, dF_in, F_in, active_in, slot, n_valid);
+  const c10::cuda::CUDAGuard guard(U.device());
+  const auto dz = dz_in.contiguous(), dF = dF_in.contiguous(), F = F_in.contiguous();
+  const auto active = active_in.contiguous();
+  auto step = at::empty_like(F);
+  if (U.size(0) == 0 || U.size(2) == 0) return step.zero_();
+  const int64_t d = U.size(2);
+  AT_DISPATCH_FLOATING_TYPES(U.scalar_type(), "broyden_step_cuda", [&] {
+    // Enough threads per sample to cover it, few enough to keep the lanes busy.
+    if (d <= 64) {
+      launch<scalar_t, 32>(U, V, dz, dF, F, active, step, int(n_valid), int(slot));
+    } else if (d <= 1024) {
+      launch<scalar_t, 128>(U, V, dz, dF, F, active, step, int(n_valid), int(slot));
+    } else {
+      launch<scalar_t, 256>(U, V, dz, dF, F, active, step, int(n_valid), int(slot));
+    }
+  });
+  return step;
+}
+
+}  // namespace
+
+TORCH_LIBRARY_IMPL(impflow, CUDA, m) { m.impl("broyden_step", &broyden_step_cuda); }
+
+}  // namespace impflow

@@ -1,0 +1,87 @@
+// Arithmetic of one "good Broyden" update, shared by the CPU and CUDA kernels.
+//
+// Convention (DESIGN.md §2): the inverse-Jacobian estimate of the root function is
+// H = -I + sum_i u_i v_i^T over the valid history slots i. One update from
+// dz = z_new - z_old, dF = F(z_new) - F(z_old) and F = F(z_new) does
+//   v_new = H^T dz,  u_new = (dz - H dF) / (v_new . dF),  H <- H + u_new v_new^T (ring slot),
+//   step  = -H F.
+// Every quantity is a combination of per-slot dot products, so a kernel reads the histories
+// twice: once for the dots a_i = dz.u_i, b_i = v_i.dF, c_i = v_i.F, once to combine rows.
+// The helpers below hold everything that is not a memory access, so the CPU tests cover
+// the CUDA kernel's arithmetic too.
+#pragma once
+
+#include <cmath>
+
+#if defined(__CUDACC__) || defined(__HIPCC__)
+#define IMPFLOW_HOST_DEVICE __host__ __device__ __forceinline__
+#else
+#define IMPFLOW_HOST_DEVICE inline
+#endif
+
+namespace impflow {
+
+// Math helpers callable from host and device code alike (std:: is host-only under nvcc).
+template <typename T>
+IMPFLOW_HOST_DEVICE bool finite_value(T x) {
+#if defined(__CUDA_ARCH__)
+  return isfinite(x);
+#else
+  return std::isfinite(x);
+#endif
+}
+
+template <typename T>
+IMPFLOW_HOST_DEVICE T abs_value(T x) { return x < T(0) ? -x : x; }
+
+// Smallest normal value: a denominator below it has lost all precision.
+template <typename T> struct SmallestNormal;
+template <> struct SmallestNormal<float> { static constexpr float value = 1.17549435e-38f; };
+template <> struct SmallestNormal<double> { static constexpr double value = 2.2250738585072014e-308; };
+
+// Scalars of one sample's update, from the per-slot dots.
+template <typename acc_t>
+struct BroydenCoefficients {
+  acc_t inv_denom;  // 1 / (v_new . dF)
+  acc_t vnew_dot_F; // v_new . F
+  bool valid;       // false: the update is dropped (denominator zero, tiny or not finite)
+};
+
+// Layout of the dots buffer of one sample: [a_0, b_0, c_0, a_1, b_1, c_1, ..., dz.dF, dz.F].
+IMPFLOW_HOST_DEVICE int broyden_dots_size(int n_valid) { return 3 * n_valid + 2; }
+
+template <typename acc_t>
+IMPFLOW_HOST_DEVICE BroydenCoefficients<acc_t> broyden_coefficients(const acc_t* dots, int n_valid) {
+  const acc_t dz_dot_dF = dots[3 * n_valid];
+  const acc_t dz_dot_F = dots[3 * n_valid + 1];
+  acc_t denom = -dz_dot_dF;       // v_new . dF = -dz.dF + sum_i a_i b_i
+  acc_t vnew_dot_F = -dz_dot_F;   // v_new . F  = -dz.F  + sum_i a_i c_i
+  for (int i = 0; i < n_valid; ++i) {
+    denom += dots[3 * i] * dots[3 * i + 1];
+    vnew_dot_F += dots[3 * i] * dots[3 * i + 2];
+  }
+  BroydenCoefficients<acc_t> out;
+  // A zero or subnormal denominator means dz is (numerically) orthogonal to H^T dF: no
+  // information, and dividing would give Inf/NaN. Skip the update rather than poison H.
+  out.valid = finite_value(denom) && finite_value(vnew_dot_F) &&
+              abs_value(denom) > SmallestNormal<acc_t>::value;
+  out.inv_denom = out.valid ? acc_t(1) / denom : acc_t(0);
+  out.vnew_dot_F = out.valid ? vnew_dot_F : acc_t(0);
+  return out;
+}
+
+// One element j of the new pair and of the step, given the row sums
+//   sum_u_b = sum_i u_i[j] b_i,  sum_v_a = sum_i v_i[j] a_i  over the old valid slots, and
+//   sum_u_c = sum_i u_i[j] c_i   over the old valid slots except the one being overwritten.
+template <typename acc_t>
+IMPFLOW_HOST_DEVICE void broyden_element(acc_t dz, acc_t dF, acc_t F, acc_t sum_u_b, acc_t sum_v_a,
+                                         acc_t sum_u_c, const BroydenCoefficients<acc_t>& k,
+                                         acc_t* u_new, acc_t* v_new, acc_t* step) {
+  // (dz - H dF) = dz + dF - sum_i u_i b_i ;  H^T dz = -dz + sum_i v_i a_i
+  *u_new = k.valid ? (dz + dF - sum_u_b) * k.inv_denom : acc_t(0);
+  *v_new = k.valid ? (-dz + sum_v_a) : acc_t(0);
+  // -H_new F = F - sum_{kept i} u_i c_i - u_new (v_new . F)
+  *step = F - sum_u_c - *u_new * k.vnew_dot_F;
+}
+
+}  // namespace impflow

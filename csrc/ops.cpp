@@ -1,0 +1,55 @@
+// Every impflow op schema, the C++ entry points, and (in the Python build) the module init.
+#include <ATen/core/dispatch/Dispatcher.h>
+#include <torch/library.h>
+
+#include "impflow/ops.h"
+
+#ifdef TORCH_EXTENSION_NAME
+#include <torch/extension.h>
+#endif
+
+namespace impflow {
+
+TORCH_LIBRARY(impflow, m) {
+  // U and V are the Broyden histories, written in place at `slot`.
+  m.def("broyden_step(Tensor(a!) U, Tensor(b!) V, Tensor dz, Tensor dF, Tensor F, Tensor active, "
+        "int slot, int n_valid) -> Tensor");
+}
+
+at::Tensor broyden_step(at::Tensor& U, at::Tensor& V, const at::Tensor& dz, const at::Tensor& dF,
+                        const at::Tensor& F, const at::Tensor& active, int64_t slot,
+                        int64_t n_valid) {
+  static auto op = c10::Dispatcher::singleton()
+                       .findSchemaOrThrow("impflow::broyden_step", "")
+                       .typed<at::Tensor(at::Tensor&, at::Tensor&, const at::Tensor&,
+                                         const at::Tensor&, const at::Tensor&, const at::Tensor&,
+                                         int64_t, int64_t)>();
+  return op.call(U, V, dz, dF, F, active, slot, n_valid);
+}
+
+bool compiled_with_cuda() {
+#ifdef IMPFLOW_WITH_CUDA
+  return true;
+#else
+  return false;
+#endif
+}
+
+}  // namespace impflow
+
+#ifdef TORCH_EXTENSION_NAME
+#define IMPFLOW_STRINGIFY_(x) #x
+#define IMPFLOW_STRINGIFY(x) IMPFLOW_STRINGIFY_(x)
+
+// The ops live in the dispatcher (torch.ops.impflow); the module carries build facts that
+// impflow/_extension.py compares with the running torch.
+PYBIND11_MODULE(TORCH_EXTENSION_NAME, module) {
+  module.def("compiled_with_cuda", &impflow::compiled_with_cuda);
+  module.attr("torch_version") = IMPFLOW_STRINGIFY(IMPFLOW_TORCH_VERSION);
+#ifdef IMPFLOW_CUDA_VERSION
+  module.attr("cuda_version") = IMPFLOW_STRINGIFY(IMPFLOW_CUDA_VERSION);
+#else
+  module.attr("cuda_version") = pybind11::none();
+#endif
+}
+#endif

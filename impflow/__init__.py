@@ -1,0 +1,11 @@
+"""impflow: Implicit Normalizing Flows for PyTorch, with fused C++/CUDA kernels.
+
+References:
+    Lu, Chen, Li, Wang, Zhu. Implicit Normalizing Flows. ICLR 2021.
+"""
+
+from impflow._extension import has_cuda_kernels
+from impflow import ops, solvers
+
+__version__ = "0.1.0"
+__all__ = ["has_cuda_kernels", "ops", "solvers", "__version__"]

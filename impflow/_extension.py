@@ -1,0 +1,45 @@
+"""Loads the compiled extension impflow._C and turns the usual failures into one sentence."""
+
+import torch
+
+_BUILD_HINT = "build it with `pip install --no-build-isolation -e .` in the impflow checkout"
+
+
+def _load():
+    try:
+        from impflow import _C  # noqa: F401  (registers torch.ops.impflow.*)
+    except ImportError as error:
+        text = str(error)
+        if "undefined symbol" in text or "cannot open shared object" in text:
+            raise ImportError(
+                f"impflow's compiled extension does not fit the installed torch {torch.__version__} "
+                f"(it was probably built against another torch or CUDA); rebuild it: {_BUILD_HINT}. "
+                f"Loader said: {text}"
+            ) from error
+        raise ImportError(
+            f"impflow's compiled extension impflow._C is missing; {_BUILD_HINT}. ({text})"
+        ) from error
+    built = _C.torch_version
+    if built.split("+")[0] != torch.__version__.split("+")[0]:
+        raise ImportError(
+            f"impflow._C was built against torch {built} but torch {torch.__version__} is "
+            f"running; rebuild it: {_BUILD_HINT}"
+        )
+    return _C
+
+
+_C = _load()
+
+
+def has_cuda_kernels() -> bool:
+    """True when impflow._C carries CUDA kernels."""
+    return bool(_C.compiled_with_cuda())
+
+
+def check_device(tensor: torch.Tensor, op: str) -> None:
+    """Raises a clear error when a CUDA tensor reaches an op built without CUDA kernels."""
+    if tensor.is_cuda and not has_cuda_kernels():
+        raise RuntimeError(
+            f"impflow.{op} got a CUDA tensor, but impflow was built without CUDA kernels; "
+            f"rebuild on a machine with nvcc (or set FORCE_CUDA=1): {_BUILD_HINT}"
+        )

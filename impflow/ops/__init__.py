@@ -1,0 +1,6 @@
+"""impflow's custom ops (fused kernels) and their pure-PyTorch references."""
+
+from impflow.ops.broyden import broyden_step
+from impflow.ops import reference
+
+__all__ = ["broyden_step", "reference"]

@@ -1,0 +1,93 @@
+"""Batched good-Broyden root finding with a fused update op (DESIGN.md §2–§3)."""
+
+import torch
+
+from impflow.ops.broyden import broyden_step
+from impflow.ops.reference import broyden_step_reference
+from impflow.solvers._common import FlatFunction, Tracker, check_common_args, check_history
+
+__all__ = ["broyden"]
+
+_STEPS = {"fused": broyden_step, "reference": broyden_step_reference}
+
+
+@torch.no_grad()
+def broyden(
+    fn,
+    z0,
+    *,
+    max_iter=50,
+    tol=1e-6,
+    stop_mode="abs",
+    history=30,
+    divergence_ratio=1e3,
+    impl="fused",
+    warn=True,
+):
+    """Finds ``z`` with ``fn(z) = 0`` for every sample of a batch by Broyden's method.
+
+    The inverse Jacobian of ``fn`` is estimated per sample as ``H = -I + sum_i u_i v_i^T``
+    over the last ``history`` updates (a ring buffer: memory does not grow with
+    ``max_iter``). Starting from ``H = -I``, the first step is ``z + fn(z)``: fixed-point
+    iteration, which converges on its own for the contractions of ImpFlow.
+
+    Args:
+        fn: maps (B, ...) to (B, ...) of the same shape, dtype and device; sample ``b`` of
+            the output depends on sample ``b`` of the input only.
+        z0: (B, ...) starting point, float32 or float64, finite.
+        max_iter: iterations at most (each one call of ``fn``).
+        tol: stop a sample once its measure is ``<= tol`` (or the dtype's floor, see
+            :class:`SolverStats`).
+        stop_mode: ``"abs"``: ``||fn(z)||_2``; ``"rel"``: ``||fn(z)||_2 / ||z||_2``.
+        history: rank ``m`` of the inverse-Jacobian estimate (>= 1).
+        divergence_ratio: a residual above this multiple of the first one, or a non-finite
+            one, sends the sample back to its best iterate and on by fixed-point iteration.
+        impl: ``"fused"`` (the C++/CUDA op) or ``"reference"`` (plain PyTorch einsums).
+        warn: emit a :class:`SolverWarning` when some samples did not converge.
+
+    Returns:
+        ``(z, stats)``: the lowest-residual iterate of each sample, shape of ``z0``, and a
+        :class:`SolverStats`. Converged samples stop changing and drop out of the update.
+
+    References:
+        Broyden. A class of methods for solving nonlinear simultaneous equations. 1965.
+        Bai, Kolter, Koltun. Deep Equilibrium Models. NeurIPS 2019.
+    """
+    check_common_args(z0, max_iter, tol, stop_mode, divergence_ratio)
+    check_history(history)
+    if impl not in _STEPS:
+        raise ValueError(f"impl must be one of {sorted(_STEPS)}, got {impl!r}")
+    update = _STEPS[impl]
+    f = FlatFunction(fn, z0)
+    z = z0.detach().reshape(z0.shape[0], -1).clone()
+    F = f(z)
+    track = Tracker(z, F, tol=tol, stop_mode=stop_mode, divergence_ratio=divergence_ratio)
+    B, n = z.shape
+    U = torch.zeros(B, history, n, dtype=z.dtype, device=z.device)
+    V = torch.zeros_like(U)
+    fallback = torch.zeros(B, dtype=torch.bool, device=z.device)  # fixed-point mode
+    step = torch.where(track.active[:, None], F, 0.0)
+    n_updates = 0
+    for _ in range(max_iter):
+        if not track.any_active():
+            break
+        z_new = z + step
+        F_new = f(z_new)
+        blowup = track.update(z_new, F_new)
+        if bool(blowup.any()):
+            # Broyden samples restart from their best iterate by fixed-point iteration;
+            # samples already in that mode have nowhere left to go.
+            track.give_up(blowup & fallback)
+            fresh = blowup & ~fallback
+            track.diverged |= fresh
+            fallback |= fresh
+            z_new = torch.where(fresh[:, None], track.best_z, z_new)
+            F_new = torch.where(fresh[:, None], track.best_F, F_new)
+        use_broyden = track.active & ~fallback
+        slot = n_updates % history
+        n_valid = min(n_updates, history)
+        step = update(U, V, step, F_new - F, F_new, use_broyden, slot, n_valid)
+        n_updates += 1
+        step = torch.where((track.active & fallback)[:, None], F_new, step)
+        z, F = z_new, F_new
+    return track.finish("broyden", f.calls, max_iter, z0.shape, warn)

@@ -1,0 +1,103 @@
+"""Builds impflow and its extension impflow._C.
+
+Switches (environment variables):
+  FORCE_CUDA=1          build the CUDA kernels even where no GPU is visible (needs nvcc)
+  FORCE_ONLY_CPU=1      build the CPU kernels only
+  IMPFLOW_CUDA_ARCHS    semicolon-separated compute capabilities, e.g. "8.0;9.0"
+                        (default "7.5;8.0;9.0+PTX": T4, A100 and later Ampere, H100/H200, newer via PTX)
+  MAX_JOBS              parallel compile jobs (honoured by torch's ninja build)
+  IMPFLOW_DEBUG=1       -O0 -g, for debugging the kernels
+
+Install with `pip install --no-build-isolation .` so that the extension is built against
+the torch it will run with.
+"""
+
+import glob
+import importlib.util
+import os
+
+from setuptools import find_packages, setup
+
+import torch
+from torch.utils.cpp_extension import CUDA_HOME, BuildExtension, CppExtension, CUDAExtension
+
+ROOT = os.path.dirname(os.path.abspath(__file__))
+DEFAULT_CUDA_ARCHS = "7.5;8.0;9.0+PTX"
+
+
+def flag(name):
+    return os.environ.get(name, "0").lower() in ("1", "true", "yes", "on")
+
+
+def want_cuda():
+    if flag("FORCE_ONLY_CPU"):
+        return False
+    if flag("FORCE_CUDA"):
+        if CUDA_HOME is None or torch.version.cuda is None:
+            raise RuntimeError(
+                "FORCE_CUDA=1 needs a CUDA build of torch and nvcc (CUDA_HOME); found torch "
+                f"{torch.__version__} (CUDA {torch.version.cuda}) and CUDA_HOME={CUDA_HOME}"
+            )
+        return True
+    return torch.version.cuda is not None and CUDA_HOME is not None
+
+
+def pip_cuda_include_dirs():
+    """Headers that torch's CUDA headers include (cusparse.h, cublas_v2.h) but that pip
+    wheels put under site-packages/nvidia/*/include rather than into CUDA_HOME."""
+    spec = importlib.util.find_spec("nvidia")
+    if spec is None or not spec.submodule_search_locations:
+        return []
+    dirs = []
+    for base in spec.submodule_search_locations:
+        dirs += sorted(glob.glob(os.path.join(base, "*", "include")))
+    return [d for d in dirs if os.path.isdir(d)]
+
+
+def arch_flags(archs):
+    flags = []
+    for arch in archs.replace(",", ";").split(";"):
+        arch = arch.strip()
+        if not arch:
+            continue
+        ptx = arch.endswith("+PTX")
+        num = arch.replace("+PTX", "").replace(".", "")
+        flags.append(f"-gencode=arch=compute_{num},code=sm_{num}")
+        if ptx:
+            flags.append(f"-gencode=arch=compute_{num},code=compute_{num}")
+    if not flags:
+        raise RuntimeError(f"IMPFLOW_CUDA_ARCHS={archs!r} names no architecture")
+    return flags
+
+
+def extension():
+    with_cuda = want_cuda()
+    sources = ["csrc/ops.cpp"] + sorted(glob.glob("csrc/cpu/*.cpp"))
+    version_define = f"-DIMPFLOW_TORCH_VERSION={torch.__version__}"
+    cxx = ["-O0", "-g"] if flag("IMPFLOW_DEBUG") else ["-O3"]
+    cxx += [version_define]  # torch picks the C++ standard it needs (17 or 20)
+    include_dirs = [os.path.join(ROOT, "csrc", "include")]
+    if not with_cuda:
+        return CppExtension(
+            "impflow._C", sources, include_dirs=include_dirs, extra_compile_args={"cxx": cxx}
+        )
+    sources += sorted(glob.glob("csrc/cuda/*.cu"))
+    cuda_define = f"-DIMPFLOW_CUDA_VERSION={torch.version.cuda}"
+    cxx += ["-DIMPFLOW_WITH_CUDA", cuda_define]
+    nvcc = ["-O0", "-G"] if flag("IMPFLOW_DEBUG") else ["-O3"]
+    nvcc += ["-DIMPFLOW_WITH_CUDA", cuda_define, version_define, "--expt-relaxed-constexpr"]
+    nvcc += arch_flags(os.environ.get("IMPFLOW_CUDA_ARCHS", DEFAULT_CUDA_ARCHS))
+    # torch adds no arch flags of its own once -gencode flags are given here.
+    return CUDAExtension(
+        "impflow._C",
+        sources,
+        include_dirs=include_dirs + pip_cuda_include_dirs(),
+        extra_compile_args={"cxx": cxx, "nvcc": nvcc},
+    )
+
+
+setup(
+    packages=find_packages(include=["impflow", "impflow.*"]),
+    ext_modules=[extension()],
+    cmdclass={"build_ext": BuildExtension.with_options(use_ninja=True)},
+)
