@@ -18,8 +18,14 @@ import os
 
 from setuptools import find_packages, setup
 
-import torch
-from torch.utils.cpp_extension import CUDA_HOME, BuildExtension, CppExtension, CUDAExtension
+# torch guesses CUDA_HOME from `which nvcc`; a wrapper script on PATH (as in /usr/local/bin)
+# would point it at a folder without libcudart, so prefer the standard toolkit folder.
+if not (os.environ.get("CUDA_HOME") or os.environ.get("CUDA_PATH")):
+    if os.path.exists("/usr/local/cuda/bin/nvcc"):
+        os.environ["CUDA_HOME"] = "/usr/local/cuda"
+
+import torch  # noqa: E402
+from torch.utils.cpp_extension import CUDA_HOME, BuildExtension, CppExtension, CUDAExtension  # noqa: E402
 
 ROOT = os.path.dirname(os.path.abspath(__file__))
 DEFAULT_CUDA_ARCHS = "7.5;8.0;9.0+PTX"
@@ -75,6 +81,7 @@ def extension():
     sources = ["csrc/ops.cpp"] + sorted(glob.glob("csrc/cpu/*.cpp"))
     version_define = f"-DIMPFLOW_TORCH_VERSION={torch.__version__}"
     cxx = ["-O0", "-g"] if flag("IMPFLOW_DEBUG") else ["-O3"]
+    cxx += ["-fopenmp-simd"]  # honour `#pragma omp simd` (vectorised reductions), no OpenMP runtime
     cxx += [version_define]  # torch picks the C++ standard it needs (17 or 20)
     include_dirs = [os.path.join(ROOT, "csrc", "include")]
     if not with_cuda:

@@ -72,9 +72,9 @@ broyden_step_kernel(scalar_t* __restrict__ U, scalar_t* __restrict__ V,
       bb = warp_sum(bb);
       c = warp_sum(c);
       if (lane == 0) {
-        partial[warp_in_group * n_dots + 3 * i] = a;
-        partial[warp_in_group * n_dots + 3 * i + 1] = bb;
-        partial[warp_in_group * n_dots + 3 * i + 2] = c;
+        partial[warp_in_group * n_dots + i] = a;
+        partial[warp_in_group * n_dots + n_valid + i] = bb;
+        partial[warp_in_group * n_dots + 2 * n_valid + i] = c;
       }
     }
     acc_t dz_dF = 0, dz_F = 0;
@@ -114,9 +114,9 @@ broyden_step_kernel(scalar_t* __restrict__ U, scalar_t* __restrict__ V,
     acc_t sum_u_b = 0, sum_v_a = 0, sum_u_c = 0;
     for (int i = 0; i < n_valid; ++i) {
       const acc_t u = Ub[i * d + j];
-      sum_u_b += u * dots[3 * i + 1];
-      sum_v_a += acc_t(Vb[i * d + j]) * dots[3 * i];
-      if (i != slot) sum_u_c += u * dots[3 * i + 2];  // the overwritten slot drops out
+      sum_u_b += u * dots[n_valid + i];
+      sum_v_a += acc_t(Vb[i * d + j]) * dots[i];
+      if (i != slot) sum_u_c += u * dots[2 * n_valid + i];  // the overwritten slot drops out
     }
     acc_t u_new, v_new, s;
     broyden_element<acc_t>(dzb[j], dFb[j], Fb[j], sum_u_b, sum_v_a, sum_u_c, k, &u_new, &v_new, &s);

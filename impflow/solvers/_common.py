@@ -2,6 +2,7 @@
 bookkeeping (residuals, convergence, lowest-residual iterate, divergence)."""
 
 import math
+import numbers
 import warnings
 
 import torch
@@ -10,7 +11,7 @@ from impflow.solvers.stats import SolverStats, SolverWarning
 
 # Rounding leaves |fn(z)| at a few ulps of z per element: the stopping measure cannot go
 # below this many machine epsilons (scaled by the sample's norm).
-_FLOOR_ULPS = 8.0
+_FLOOR_ULPS = 4.0
 _REL_EPS = 1e-12
 
 
@@ -26,18 +27,18 @@ def check_common_args(z0, max_iter, tol, stop_mode, divergence_ratio):
     if not bool(torch.isfinite(z0).all()):
         bad = (~torch.isfinite(z0.reshape(z0.shape[0], -1))).any(1).nonzero().flatten()
         raise ValueError(f"z0 contains NaN or Inf (samples {bad[:8].tolist()})")
-    if isinstance(max_iter, bool) or not isinstance(max_iter, int) or max_iter < 1:
+    if isinstance(max_iter, bool) or not isinstance(max_iter, numbers.Integral) or max_iter < 1:
         raise ValueError(f"max_iter must be an integer >= 1, got {max_iter!r}")
-    if not isinstance(tol, (int, float)) or not math.isfinite(tol) or tol <= 0:
+    if isinstance(tol, bool) or not isinstance(tol, numbers.Real) or not math.isfinite(tol) or tol <= 0:
         raise ValueError(f"tol must be a finite number > 0, got {tol!r}")
     if stop_mode not in ("abs", "rel"):
         raise ValueError(f"stop_mode must be 'abs' or 'rel', got {stop_mode!r}")
-    if not isinstance(divergence_ratio, (int, float)) or not divergence_ratio > 1:
+    if isinstance(divergence_ratio, bool) or not isinstance(divergence_ratio, numbers.Real) or not divergence_ratio > 1:
         raise ValueError(f"divergence_ratio must be a number > 1, got {divergence_ratio!r}")
 
 
 def check_history(history, name="history"):
-    if isinstance(history, bool) or not isinstance(history, int) or history < 1:
+    if isinstance(history, bool) or not isinstance(history, numbers.Integral) or history < 1:
         raise ValueError(f"{name} must be an integer >= 1, got {history!r}")
 
 
@@ -66,7 +67,10 @@ class FlatFunction:
             raise TypeError(f"fn must return z0's dtype {self.dtype}, got {out.dtype}")
         if out.device != self.device:
             raise ValueError(f"fn must return a tensor on z0's device {self.device}, got {out.device}")
-        return out.reshape(self.shape[0], -1)
+        # A private copy: fn may hand back the same buffer on every call (an out= buffer, a
+        # CUDA graph's static output) and overwrite it inside the next call, while the solver
+        # still holds the previous F; only a copy taken now is safe.
+        return out.clone(memory_format=torch.contiguous_format).view(self.shape[0], -1)
 
 
 class Tracker:
@@ -138,7 +142,9 @@ class Tracker:
     def any_active(self) -> bool:
         return bool(self.active.any())
 
-    def finish(self, method, n_fn_evals, max_iter, shape, warn):
+    def finish(self, method, n_fn_evals, max_iter, shape, warn, on_divergence):
+        """The best iterate in ``shape`` and the statistics; warns when some samples did not
+        converge. ``on_divergence`` says what the method did with diverged samples."""
         z = self.best_z.reshape(shape)
         floor = self._floor(self.best_z)
         rel = self.best_res / (torch.linalg.vector_norm(self.best_z, dim=1) + _REL_EPS)
@@ -157,11 +163,11 @@ class Tracker:
             max_iter=max_iter,
         )
         if warn and not stats.all_converged:
-            warnings.warn(_failure_message(stats), SolverWarning, stacklevel=3)
+            warnings.warn(_failure_message(stats, on_divergence), SolverWarning, stacklevel=3)
         return z, stats
 
 
-def _failure_message(stats):
+def _failure_message(stats, on_divergence):
     n = stats.converged.numel()
     missed = n - int(stats.converged.sum())
     worst = stats.residual[~stats.converged].max()
@@ -170,7 +176,7 @@ def _failure_message(stats):
         f"({stats.stop_mode}) in {stats.max_iter} iterations (worst residual {float(worst):.3e})"
     )
     if bool(stats.diverged.any()):
-        text += f"; {int(stats.diverged.sum())} diverged and fell back to fixed-point iteration"
+        text += f"; {int(stats.diverged.sum())} diverged ({on_divergence})"
     if bool(stats.nonfinite.any()):
         text += f"; fn returned NaN/Inf for {int(stats.nonfinite.sum())}"
     return text + ". The best iterate of each sample is returned; see the SolverStats."

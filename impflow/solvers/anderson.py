@@ -75,7 +75,10 @@ def anderson(
             z_next = torch.where(fresh[:, None], track.best_z, z_next)
             F_next = torch.where(fresh[:, None], track.best_F, F_next)
         z, F = z_next, F_next
-    return track.finish("anderson", f.calls, max_iter, z0.shape, warn)
+    return track.finish(
+        "anderson", f.calls, max_iter, z0.shape, warn,
+        on_divergence="restarted from the best iterate by fixed-point iteration",
+    )
 
 
 def _anderson_combination(Z, R, newest, mixing, regularization):

@@ -90,4 +90,7 @@ def broyden(
         n_updates += 1
         step = torch.where((track.active & fallback)[:, None], F_new, step)
         z, F = z_new, F_new
-    return track.finish("broyden", f.calls, max_iter, z0.shape, warn)
+    return track.finish(
+        "broyden", f.calls, max_iter, z0.shape, warn,
+        on_divergence="restarted from the best iterate by fixed-point iteration",
+    )

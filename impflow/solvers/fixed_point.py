@@ -49,4 +49,7 @@ def fixed_point(
         if bool(blowup.any()):
             track.diverged |= blowup
             track.give_up(blowup)
-    return track.finish("fixed_point", f.calls, max_iter, z0.shape, warn)
+    return track.finish(
+        "fixed_point", f.calls, max_iter, z0.shape, warn,
+        on_divergence="stopped at the best iterate",
+    )

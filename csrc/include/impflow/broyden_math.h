@@ -5,8 +5,9 @@
 // dz = z_new - z_old, dF = F(z_new) - F(z_old) and F = F(z_new) does
 //   v_new = H^T dz,  u_new = (dz - H dF) / (v_new . dF),  H <- H + u_new v_new^T (ring slot),
 //   step  = -H F.
-// Every quantity is a combination of per-slot dot products, so a kernel reads the histories
-// twice: once for the dots a_i = dz.u_i, b_i = v_i.dF, c_i = v_i.F, once to combine rows.
+// Every quantity is a combination of the per-slot dots a_i = dz.u_i, b_i = v_i.dF, c_i = v_i.F
+// and of the rows u_i, v_i weighted by them, so a kernel reads each history row once (CPU:
+// dots and weighted sums row by row) or twice (CUDA: all dots first, then the sums).
 // The helpers below hold everything that is not a memory access, so the CPU tests cover
 // the CUDA kernel's arithmetic too.
 #pragma once
@@ -47,19 +48,18 @@ struct BroydenCoefficients {
   bool valid;       // false: the update is dropped (denominator zero, tiny or not finite)
 };
 
-// Layout of the dots buffer of one sample: [a_0, b_0, c_0, a_1, b_1, c_1, ..., dz.dF, dz.F].
+// Layout of the dots buffer of one sample (structure of arrays, so that loops over the slots
+// read and write contiguously): [a_0..a_{n-1}, b_0..b_{n-1}, c_0..c_{n-1}, dz.dF, dz.F].
 IMPFLOW_HOST_DEVICE int broyden_dots_size(int n_valid) { return 3 * n_valid + 2; }
 
+// From the sums over the old valid slots: sum_ab = sum_i a_i b_i, sum_ac = sum_i a_i c_i.
 template <typename acc_t>
-IMPFLOW_HOST_DEVICE BroydenCoefficients<acc_t> broyden_coefficients(const acc_t* dots, int n_valid) {
-  const acc_t dz_dot_dF = dots[3 * n_valid];
-  const acc_t dz_dot_F = dots[3 * n_valid + 1];
-  acc_t denom = -dz_dot_dF;       // v_new . dF = -dz.dF + sum_i a_i b_i
-  acc_t vnew_dot_F = -dz_dot_F;   // v_new . F  = -dz.F  + sum_i a_i c_i
-  for (int i = 0; i < n_valid; ++i) {
-    denom += dots[3 * i] * dots[3 * i + 1];
-    vnew_dot_F += dots[3 * i] * dots[3 * i + 2];
-  }
+IMPFLOW_HOST_DEVICE BroydenCoefficients<acc_t> broyden_coefficients_from_sums(acc_t sum_ab,
+                                                                              acc_t sum_ac,
+                                                                              acc_t dz_dot_dF,
+                                                                              acc_t dz_dot_F) {
+  const acc_t denom = sum_ab - dz_dot_dF;       // v_new . dF = -dz.dF + sum_i a_i b_i
+  const acc_t vnew_dot_F = sum_ac - dz_dot_F;   // v_new . F  = -dz.F  + sum_i a_i c_i
   BroydenCoefficients<acc_t> out;
   // A zero or subnormal denominator means dz is (numerically) orthogonal to H^T dF: no
   // information, and dividing would give Inf/NaN. Skip the update rather than poison H.
@@ -68,6 +68,20 @@ IMPFLOW_HOST_DEVICE BroydenCoefficients<acc_t> broyden_coefficients(const acc_t*
   out.inv_denom = out.valid ? acc_t(1) / denom : acc_t(0);
   out.vnew_dot_F = out.valid ? vnew_dot_F : acc_t(0);
   return out;
+}
+
+// From a dots buffer laid out as broyden_dots_size describes.
+template <typename acc_t>
+IMPFLOW_HOST_DEVICE BroydenCoefficients<acc_t> broyden_coefficients(const acc_t* dots, int n_valid) {
+  const acc_t* a = dots;
+  const acc_t* b = dots + n_valid;
+  const acc_t* c = dots + 2 * n_valid;
+  acc_t sum_ab = 0, sum_ac = 0;
+  for (int i = 0; i < n_valid; ++i) {
+    sum_ab += a[i] * b[i];
+    sum_ac += a[i] * c[i];
+  }
+  return broyden_coefficients_from_sums(sum_ab, sum_ac, dots[3 * n_valid], dots[3 * n_valid + 1]);
 }
 
 // One element j of the new pair and of the step, given the row sums

@@ -1,0 +1,68 @@
+"""Timing helpers shared by the benchmarks: synchronised medians and machine facts."""
+
+import json
+import os
+import platform
+import statistics
+import time
+
+import torch
+
+
+def synchronize(device):
+    if torch.device(device).type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+def median_seconds(fn, device, *, min_repeats=5, min_seconds=0.5, warmup=2, max_repeats=1000):
+    """Median wall time of ``fn()`` over at least ``min_repeats`` calls and ``min_seconds``,
+    after ``warmup`` untimed calls; the device is synchronised around every call."""
+    for _ in range(warmup):
+        fn()
+    synchronize(device)
+    times = []
+    start = time.perf_counter()
+    while len(times) < max_repeats and (len(times) < min_repeats or time.perf_counter() - start < min_seconds):
+        t0 = time.perf_counter()
+        fn()
+        synchronize(device)
+        times.append(time.perf_counter() - t0)
+    return statistics.median(times), len(times)
+
+
+def copy_bandwidth(device, dtype=torch.float32, megabytes=256):
+    """Achieved copy bandwidth in GB/s (bytes read + bytes written) of one large buffer."""
+    n = megabytes * 2**20 // torch.finfo(dtype).bits * 8
+    src = torch.randn(n, dtype=dtype, device=device)
+    dst = torch.empty_like(src)
+    seconds, _ = median_seconds(lambda: dst.copy_(src), device, min_repeats=10, min_seconds=0.5)
+    return 2 * src.numel() * src.element_size() / seconds / 1e9
+
+
+def machine_facts(device):
+    facts = {
+        "python": platform.python_version(),
+        "torch": torch.__version__,
+        "cpu": platform.processor() or platform.machine(),
+        "cpu_threads": torch.get_num_threads(),
+        "cores": os.cpu_count(),
+    }
+    try:
+        with open("/proc/cpuinfo") as info:
+            names = [line.split(":", 1)[1].strip() for line in info if line.startswith("model name")]
+        if names:
+            facts["cpu"] = names[0]
+    except OSError:
+        pass
+    if torch.device(device).type == "cuda":
+        facts["gpu"] = torch.cuda.get_device_name(device)
+    return facts
+
+
+def write_json(path, payload):
+    """Writes ``payload`` to ``path`` atomically (a reader never sees half a file)."""
+    os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
+    tmp = f"{path}.tmp{os.getpid()}"
+    with open(tmp, "w") as handle:
+        json.dump(payload, handle, indent=2)
+    os.replace(tmp, path)

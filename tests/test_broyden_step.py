@@ -1,0 +1,170 @@
+"""The fused Broyden op against its pure-PyTorch reference, opcheck, and argument checks."""
+
+import pytest
+import torch
+
+from impflow.ops import broyden_step
+from impflow.ops.reference import broyden_step_reference
+from testing import DEVICES, DTYPES, REL_TOL, noncontiguous, rel_error
+
+
+def make_state(B, m, d, n_valid, dtype, device, seed, active_fraction=1.0):
+    """Histories and vectors as a Broyden solve of a contraction produces them: dF close to
+    -dz (F(z) = g(z) - z with Lip(g) < 1), so the update denominators stay away from zero."""
+    gen = torch.Generator().manual_seed(seed)
+
+    def randn(*shape, scale=1.0):
+        return (scale * torch.randn(*shape, generator=gen, dtype=torch.float64)).to(dtype)
+
+    U = torch.zeros(B, m, d, dtype=dtype)
+    V = torch.zeros(B, m, d, dtype=dtype)
+    U[:, :n_valid] = randn(B, n_valid, d, scale=0.3 / d**0.5)
+    V[:, :n_valid] = randn(B, n_valid, d, scale=0.3 / d**0.5)
+    dz = randn(B, d)
+    dF = (-dz.double() + 0.3 * randn(B, d).double()).to(dtype)
+    F = randn(B, d)
+    active = torch.rand(B, generator=gen) < active_fraction
+    if active_fraction < 1.0:
+        active[0] = True  # at least one sample does work
+    return [t.to(device) for t in (U, V, dz, dF, F, active)]
+
+
+def reference_on_copies(U, V, dz, dF, F, active, slot, n_valid, dtype):
+    """The reference in ``dtype`` on CPU copies of the inputs: (step, U, V)."""
+    U_ref, V_ref = U.to("cpu", dtype, copy=True), V.to("cpu", dtype, copy=True)
+    vectors = [t.to("cpu", dtype) for t in (dz, dF, F)]
+    step = broyden_step_reference(U_ref, V_ref, *vectors, active.cpu(), slot, n_valid)
+    return step, U_ref, V_ref
+
+
+def run_both(U, V, dz, dF, F, active, slot, n_valid):
+    """The op on the given tensors, and the float64 reference on copies."""
+    ref = reference_on_copies(U, V, dz, dF, F, active, slot, n_valid, torch.float64)
+    step = broyden_step(U, V, dz, dF, F, active, slot, n_valid)
+    return (step, U, V), ref
+
+
+def assert_close_to_reference(out, ref, same_dtype_ref, context=""):
+    """The op's error against the float64 reference may be at most a few times the error of
+    the reference itself run in the op's dtype (a tolerance measured, not guessed), plus
+    REL_TOL for results that the same-dtype reference happens to get exactly right."""
+    for name, o, r, s in zip(("step", "U", "V"), out, ref, same_dtype_ref):
+        err, err_same = rel_error(o, r), rel_error(s, r)
+        assert err <= 4 * err_same + REL_TOL[o.dtype], (
+            f"{name}: rel error {err:.2e}, reference in {o.dtype}: {err_same:.2e} {context}"
+        )
+
+
+SHAPES = [
+    (B, m, d)
+    for B in (1, 7, 256)
+    for d in (1, 2, 3, 64, 3072)
+    for m in (1, 5, 30)
+    if not (B == 256 and d == 3072 and m != 30)  # one case of the largest size is enough
+]
+
+
+@pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("B,m,d", SHAPES)
+def test_matches_reference(B, m, d, dtype, device):
+    if B * m * d > 1_000_000 and dtype == torch.float64:
+        pytest.skip("the largest shape runs in float32 only (memory and time)")
+    # While the ring fills (slot = n_valid) and once it is full (slot anywhere).
+    for n_valid, slot in {(0, 0), (m - 1, m - 1), (m, m // 2), (m, m - 1)}:
+        state = make_state(B, m, d, n_valid, dtype, device, seed=B * 1000 + m * 10 + d)
+        same = reference_on_copies(*state, slot, n_valid, dtype)
+        out, ref = run_both(*state, slot, n_valid)
+        assert_close_to_reference(out, ref, same, f"(n_valid={n_valid}, slot={slot})")
+
+
+@pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("dtype", DTYPES)
+def test_partially_active_mask(dtype, device):
+    B, m, d, n_valid, slot = 33, 5, 17, 5, 2
+    U, V, dz, dF, F, active = make_state(B, m, d, n_valid, dtype, device, seed=3, active_fraction=0.5)
+    assert 0 < int(active.sum()) < B
+    U0, V0 = U.clone(), V.clone()
+    same = reference_on_copies(U, V, dz, dF, F, active, slot, n_valid, dtype)
+    out, ref = run_both(U, V, dz, dF, F, active, slot, n_valid)
+    assert_close_to_reference(out, ref, same)
+    step, U1, V1 = out
+    idle = ~active
+    assert torch.equal(step[idle], torch.zeros_like(step[idle]))
+    assert torch.equal(U1[idle], U0[idle]) and torch.equal(V1[idle], V0[idle])
+    # Active samples change the written slot only.
+    others = [i for i in range(m) if i != slot]
+    assert torch.equal(U1[:, others], U0[:, others]) and torch.equal(V1[:, others], V0[:, others])
+    assert not torch.equal(U1[active, slot], U0[active, slot])
+
+
+@pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("dtype", DTYPES)
+def test_noncontiguous_vectors(dtype, device):
+    B, m, d, n_valid, slot = 9, 5, 6, 3, 3
+    U, V, dz, dF, F, active = make_state(B, m, d, n_valid, dtype, device, seed=5)
+    strided = [noncontiguous(t) for t in (dz, dF, F)]
+    assert not any(t.is_contiguous() for t in strided)
+    # A strided view of a wider buffer too.
+    wide = torch.zeros(B, 2 * d, dtype=dtype, device=device)
+    wide[:, ::2] = F
+    strided[2] = wide[:, ::2]
+    mask = torch.stack([active, active], 1)[:, 0]
+    same = reference_on_copies(U, V, *strided, mask, slot, n_valid, dtype)
+    out, ref = run_both(U, V, *strided, mask, slot, n_valid)
+    assert_close_to_reference(out, ref, same)
+
+
+@pytest.mark.parametrize("device", DEVICES)
+def test_zero_denominator_drops_update(device):
+    """dz = 0 carries no information: the slot is cleared and the step uses the rest."""
+    B, m, d, n_valid, slot = 4, 3, 5, 3, 1
+    U, V, dz, dF, F, active = make_state(B, m, d, n_valid, torch.float64, device, seed=7)
+    dz.zero_()
+    out, ref = run_both(U, V, dz, dF, F, active, slot, n_valid)
+    step, U1, V1 = out
+    assert torch.equal(U1[:, slot], torch.zeros_like(U1[:, slot]))
+    assert torch.equal(V1[:, slot], torch.zeros_like(V1[:, slot]))
+    assert torch.isfinite(step).all()
+    assert rel_error(step, ref[0]) <= 1e-12
+
+
+@pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("B,m,d,n_valid,slot", [(1, 1, 1, 0, 0), (5, 4, 3, 4, 2), (6, 3, 70, 1, 1)])
+def test_opcheck(B, m, d, n_valid, slot, dtype, device):
+    U, V, dz, dF, F, active = make_state(B, m, d, n_valid, dtype, device, seed=11)
+    torch.library.opcheck(
+        torch.ops.impflow.broyden_step.default, (U, V, dz, dF, F, active, slot, n_valid)
+    )
+
+
+def test_empty_batch_returns_empty_step():
+    U, V, dz, dF, F, active = make_state(1, 2, 3, 0, torch.float32, "cpu", seed=1)
+    empty = [t[:0] for t in (U, V, dz, dF, F, active)]
+    step = broyden_step(*empty, 0, 0)
+    assert step.shape == (0, 3)
+
+
+BAD_ARGS = [
+    ("V must have the shape of U", lambda s: s.update(V=s["V"][:, :-1].contiguous())),
+    ("dz, dF and F must have shape", lambda s: s.update(F=s["F"][:, :-1])),
+    ("active must be a bool tensor", lambda s: s.update(active=s["active"].float())),
+    ("dtype of U", lambda s: s.update(dF=s["dF"].double())),
+    ("float32 or float64", lambda s: s.update(**{k: s[k].half() for k in ("U", "V", "dz", "dF", "F")})),
+    ("must be contiguous", lambda s: s.update(U=noncontiguous(s["U"]))),
+    ("slot must be in", lambda s: s.update(slot=4)),
+    ("n_valid must be in", lambda s: s.update(n_valid=5)),
+    ("slot must equal n_valid", lambda s: s.update(n_valid=2, slot=3)),
+    ("U must have shape", lambda s: s.update(U=s["U"][0], V=s["V"][0])),
+]
+
+
+@pytest.mark.parametrize("message,spoil", BAD_ARGS, ids=[b[0] for b in BAD_ARGS])
+def test_bad_arguments(message, spoil):
+    names = ("U", "V", "dz", "dF", "F", "active")
+    state = dict(zip(names, make_state(3, 4, 5, 4, torch.float32, "cpu", seed=2)))
+    state.update(slot=1, n_valid=4)
+    spoil(state)
+    with pytest.raises(RuntimeError, match=message):
+        broyden_step(*(state[k] for k in names), state["slot"], state["n_valid"])
