@@ -81,12 +81,19 @@ def extension():
     sources = ["csrc/ops.cpp"] + sorted(glob.glob("csrc/cpu/*.cpp"))
     version_define = f"-DIMPFLOW_TORCH_VERSION={torch.__version__}"
     cxx = ["-O0", "-g"] if flag("IMPFLOW_DEBUG") else ["-O3"]
-    cxx += ["-fopenmp-simd"]  # honour `#pragma omp simd` (vectorised reductions), no OpenMP runtime
+    # at::parallel_for is header code: it only runs in parallel when the extension is compiled
+    # with the OpenMP that torch uses. Without it, still honour `#pragma omp simd`.
+    cxx += ["-fopenmp"] if torch.backends.openmp.is_available() else ["-fopenmp-simd"]
+    link = ["-fopenmp"] if torch.backends.openmp.is_available() else []
     cxx += [version_define]  # torch picks the C++ standard it needs (17 or 20)
     include_dirs = [os.path.join(ROOT, "csrc", "include")]
     if not with_cuda:
         return CppExtension(
-            "impflow._C", sources, include_dirs=include_dirs, extra_compile_args={"cxx": cxx}
+            "impflow._C",
+            sources,
+            include_dirs=include_dirs,
+            extra_compile_args={"cxx": cxx},
+            extra_link_args=link,
         )
     sources += sorted(glob.glob("csrc/cuda/*.cu"))
     cuda_define = f"-DIMPFLOW_CUDA_VERSION={torch.version.cuda}"
@@ -100,6 +107,7 @@ def extension():
         sources,
         include_dirs=include_dirs + pip_cuda_include_dirs(),
         extra_compile_args={"cxx": cxx, "nvcc": nvcc},
+        extra_link_args=link,
     )
 
 

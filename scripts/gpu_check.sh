@@ -1,0 +1,30 @@
+#!/usr/bin/env bash
+# One command for a GPU machine: build impflow against the torch there, run the tests (the
+# CUDA cases included), the C++ tests, and the main benchmark on CPU and GPU.
+# Usage: scripts/gpu_check.sh OUT_DIR      (writes OUT_DIR/gpu_check.log, solver_speed.json)
+#   PYTHON (default python3), IMPFLOW_CUDA_ARCHS (default: the GPU's own), MAX_JOBS (default 8)
+set -uo pipefail
+out="${1:?usage: scripts/gpu_check.sh OUT_DIR}"
+mkdir -p "$out"
+cd "$(dirname "$0")/.."
+py="${PYTHON:-python3}"
+export PYTHONUNBUFFERED=1 FORCE_CUDA=1 MAX_JOBS="${MAX_JOBS:-8}"
+if [ -z "${IMPFLOW_CUDA_ARCHS:-}" ]; then
+  IMPFLOW_CUDA_ARCHS="$("$py" -c 'import torch; print("%d.%d" % torch.cuda.get_device_capability())')"
+  export IMPFLOW_CUDA_ARCHS
+fi
+failed=()
+step() {  # step NAME COMMAND...: runs it, logs it, remembers a failure and goes on
+  echo "=== $1 ($(date +%T))"
+  shift
+  "$@" || failed+=("$*")
+}
+{
+  step "device" nvidia-smi
+  step "torch" "$py" -c "import torch; print(torch.__version__, torch.version.cuda, torch.cuda.get_device_name())"
+  step "build (archs $IMPFLOW_CUDA_ARCHS)" "$py" setup.py -q build_ext --inplace
+  step "tests" "$py" -m pytest tests -q -rs
+  step "benchmark" "$py" benchmarks/solver_speed.py --out "$out/solver_speed.json"
+  echo "=== done: ${#failed[@]} step(s) failed ${failed[*]:-}"
+} 2>&1 | tee "$out/gpu_check.log"
+grep -q "=== done: 0 step" "$out/gpu_check.log"
