@@ -9,6 +9,7 @@ mkdir -p "$out"
 cd "$(dirname "$0")/.."
 py="${PYTHON:-python3}"
 export PYTHONUNBUFFERED=1 FORCE_CUDA=1 MAX_JOBS="${MAX_JOBS:-8}"
+export PYTHONPATH="$PWD${PYTHONPATH:+:$PYTHONPATH}"  # impflow is built in place, not installed
 if [ -z "${IMPFLOW_CUDA_ARCHS:-}" ]; then
   IMPFLOW_CUDA_ARCHS="$("$py" -c 'import torch; print("%d.%d" % torch.cuda.get_device_capability())')"
   export IMPFLOW_CUDA_ARCHS
