@@ -14,6 +14,10 @@ TORCH_LIBRARY(impflow, m) {
   // U and V are the Broyden histories, written in place at `slot`.
   m.def("broyden_step(Tensor(a!) U, Tensor(b!) V, Tensor dz, Tensor dF, Tensor F, Tensor active, "
         "int slot, int n_valid) -> Tensor");
+  // Per-sample bookkeeping of one solver iteration; the state tensors are updated in place.
+  m.def("solver_track(Tensor z, Tensor F, Tensor(a!) best_z, Tensor(b!) best_F, Tensor(c!) best, "
+        "Tensor(d!) status, Tensor(e!) nstep, float tol, float floor_scale, "
+        "float divergence_ratio, bool relative) -> (Tensor, Tensor)");
 }
 
 at::Tensor broyden_step(at::Tensor& U, at::Tensor& V, const at::Tensor& dz, const at::Tensor& dF,
@@ -25,6 +29,20 @@ at::Tensor broyden_step(at::Tensor& U, at::Tensor& V, const at::Tensor& dz, cons
                                          const at::Tensor&, const at::Tensor&, const at::Tensor&,
                                          int64_t, int64_t)>();
   return op.call(U, V, dz, dF, F, active, slot, n_valid);
+}
+
+std::tuple<at::Tensor, at::Tensor> solver_track(const at::Tensor& z, const at::Tensor& F,
+                                                at::Tensor& best_z, at::Tensor& best_F,
+                                                at::Tensor& best, at::Tensor& status,
+                                                at::Tensor& nstep, double tol, double floor_scale,
+                                                double divergence_ratio, bool relative) {
+  static auto op = c10::Dispatcher::singleton()
+                       .findSchemaOrThrow("impflow::solver_track", "")
+                       .typed<std::tuple<at::Tensor, at::Tensor>(
+                           const at::Tensor&, const at::Tensor&, at::Tensor&, at::Tensor&,
+                           at::Tensor&, at::Tensor&, at::Tensor&, double, double, double, bool)>();
+  return op.call(z, F, best_z, best_F, best, status, nstep, tol, floor_scale, divergence_ratio,
+                 relative);
 }
 
 bool compiled_with_cuda() {

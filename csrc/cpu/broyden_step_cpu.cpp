@@ -151,7 +151,10 @@ IMPFLOW_INLINE void samples_range(scalar_t* U, scalar_t* V, const scalar_t* dz, 
                                   const Problem& p, int64_t begin, int64_t end,
                                   at::opmath_type<scalar_t>* rows) {
   for (int64_t b = begin; b < end; ++b) {
-    if (!active[b]) continue;
+    if (!active[b]) {  // inactive samples take no step
+      for (int64_t j = 0; j < p.d; ++j) step[b * p.d + j] = scalar_t(0);
+      continue;
+    }
     const Sample<scalar_t> s{U + b * p.m * p.d, V + b * p.m * p.d, dz + b * p.d,
                              dF + b * p.d,      F + b * p.d,       step + b * p.d};
     switch (p.d) {
@@ -198,7 +201,7 @@ at::Tensor broyden_step_cpu(at::Tensor& U, at::Tensor& V, const at::Tensor& dz_i
   const auto dz = dz_in.contiguous(), dF = dF_in.contiguous(), F = F_in.contiguous();
   const auto active = active_in.contiguous();
   const Problem p{U.size(0), U.size(1), U.size(2), int(n_valid), int(slot)};
-  auto step = at::zeros_like(F);  // inactive samples take no step
+  auto step = at::empty_like(F);
   if (p.B == 0 || p.d == 0) return step;
   AT_DISPATCH_FLOATING_TYPES(U.scalar_type(), "broyden_step_cpu", [&] {
     static_assert(std::is_same_v<at::opmath_type<scalar_t>, scalar_t>, "float/double only");

@@ -1,6 +1,7 @@
 """impflow's custom ops (fused kernels) and their pure-PyTorch references."""
 
 from impflow.ops.broyden import broyden_step
+from impflow.ops.track import solver_track
 from impflow.ops import reference
 
-__all__ = ["broyden_step", "reference"]
+__all__ = ["broyden_step", "solver_track", "reference"]

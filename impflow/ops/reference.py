@@ -61,3 +61,55 @@ def broyden_step_reference(
     n_after = max(n_valid, slot + 1)
     step = -broyden_matvec(U[:, :n_after], V[:, :n_after], F)
     return torch.where(keep, step, 0.0)
+
+
+def solver_track_reference(
+    z, F, best_z, best_F, best, status, nstep, tol, floor_scale, divergence_ratio, relative
+):
+    """Bookkeeping of one solver iteration for the samples whose status has the ACTIVE bit.
+
+    Args:
+        z, F: (B, n) the new iterate and its residual ``fn(z)``.
+        best_z, best_F: (B, n) lowest-measure iterate and its residual, updated in place.
+        best: (B, 3) float64 ``[best measure, best residual, first residual]``, updated in place.
+        status: (B,) uint8 bits (``impflow.ops.track``), updated in place: BLOWUP is cleared
+            and set anew, NONFINITE added, CONVERGED set and ACTIVE cleared at convergence.
+        nstep: (B,) int64 iteration counts, incremented for the active samples.
+        tol, floor_scale, divergence_ratio: floats; relative: bool (stop mode "rel").
+
+    For an active sample with ``r = ||F||_2`` and ``s = ||z||_2`` (accumulated in float64):
+    measure ``m = r`` (``r / (s + 1e-12)`` if relative); it converges when finite and
+    ``m <= max(tol, floor)`` with floor ``floor_scale`` (relative) or
+    ``floor_scale * (s + sqrt(n))``; it blows up when ``r`` is not finite or exceeds
+    ``divergence_ratio * max(first residual, tol)``; a finite ``m`` below the best measure
+    copies ``z``, ``F`` into the best iterate.
+
+    Returns:
+        ``(counts, mask)``: int64 ``[active, blown up]`` after the update, and bool (B,)
+        ``active and not FALLBACK``.
+    """
+    from impflow.ops.track import ACTIVE, BLOWUP, CONVERGED, FALLBACK, NONFINITE
+
+    n = z.shape[1]
+    status &= ~BLOWUP & 0xFF
+    active = (status & ACTIVE) != 0
+    res = torch.linalg.vector_norm(F, dim=1, dtype=torch.float64)
+    z_norm = torch.linalg.vector_norm(z, dim=1, dtype=torch.float64)
+    finite = torch.isfinite(res)
+    measure = res / (z_norm + 1e-12) if relative else res
+    floor = torch.full_like(res, floor_scale) if relative else floor_scale * (z_norm + n**0.5)
+    better = active & finite & (measure < best[:, 0])
+    best_z.copy_(torch.where(better[:, None], z, best_z))
+    best_F.copy_(torch.where(better[:, None], F, best_F))
+    best[:, 0] = torch.where(better, measure, best[:, 0])
+    best[:, 1] = torch.where(better, res, best[:, 1])
+    blowup = active & (~finite | (res > divergence_ratio * best[:, 2].clamp(min=tol)))
+    done = active & finite & (measure <= floor.clamp(min=tol))
+    new = status | torch.where(active & ~finite, NONFINITE, 0).to(status.dtype)
+    new = new | torch.where(blowup, BLOWUP, 0).to(status.dtype)
+    new = torch.where(done, (new | CONVERGED) & ~ACTIVE & 0xFF, new).to(status.dtype)
+    status.copy_(new)
+    nstep += active
+    still = (status & ACTIVE) != 0
+    counts = torch.stack([still.sum(), blowup.sum()]).to(torch.long)
+    return counts, still & ((status & FALLBACK) == 0)

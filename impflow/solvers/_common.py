@@ -7,11 +7,15 @@ import warnings
 
 import torch
 
+from impflow.ops.reference import solver_track_reference
+from impflow.ops.track import ACTIVE, BLOWUP, CONVERGED, DIVERGED, FALLBACK, NONFINITE, solver_track
 from impflow.solvers.stats import SolverStats, SolverWarning
+
+_TRACK = {"fused": solver_track, "reference": solver_track_reference}
 
 # Rounding leaves |fn(z)| at a few ulps of z per element: the stopping measure cannot go
 # below this many machine epsilons (scaled by the sample's norm).
-_FLOOR_ULPS = 4.0
+_FLOOR_ULPS = 1.0
 _REL_EPS = 1e-12
 
 
@@ -40,6 +44,11 @@ def check_common_args(z0, max_iter, tol, stop_mode, divergence_ratio):
 def check_history(history, name="history"):
     if isinstance(history, bool) or not isinstance(history, numbers.Integral) or history < 1:
         raise ValueError(f"{name} must be an integer >= 1, got {history!r}")
+
+
+def check_impl(impl):
+    if impl not in _TRACK:
+        raise ValueError(f"impl must be one of {sorted(_TRACK)}, got {impl!r}")
 
 
 class FlatFunction:
@@ -74,89 +83,77 @@ class FlatFunction:
 
 
 class Tracker:
-    """Per-sample state of a solve. ``active`` samples still iterate; the others are frozen
-    (converged, or given up after a non-finite residual)."""
+    """Per-sample state of a solve, kept in tensors that the ``solver_track`` op updates in
+    place: the status bits (``impflow.ops.track``), iteration counts, and the lowest-residual
+    iterate. ``impl`` picks the fused op or its plain-PyTorch reference."""
 
-    def __init__(self, z, F, *, tol, stop_mode, divergence_ratio):
+    def __init__(self, z, F, *, tol, stop_mode, divergence_ratio, impl):
+        check_impl(impl)
         B = z.shape[0]
-        dev = z.device
+        self._track = _TRACK[impl]
         self.tol = float(tol)
         self.stop_mode = stop_mode
         self.divergence_ratio = float(divergence_ratio)
-        eps = torch.finfo(z.dtype).eps
-        self.floor_scale = _FLOOR_ULPS * eps
-        self.sqrt_n = math.sqrt(z.shape[1])
-        self.nstep = torch.zeros(B, dtype=torch.long, device=dev)
-        self.diverged = torch.zeros(B, dtype=torch.bool, device=dev)
-        self.nonfinite = torch.zeros(B, dtype=torch.bool, device=dev)
-        self.converged = torch.zeros(B, dtype=torch.bool, device=dev)
-        self.active = torch.ones(B, dtype=torch.bool, device=dev)
-        measure, res, finite = self._measure(z, F)
+        self.floor_scale = _FLOOR_ULPS * torch.finfo(z.dtype).eps
+        self.status = torch.full((B,), ACTIVE, dtype=torch.uint8, device=z.device)
+        self.nstep = torch.zeros(B, dtype=torch.long, device=z.device)
+        self.best = torch.full((B, 3), math.inf, dtype=torch.float64, device=z.device)
         self.best_z = z.clone()
         self.best_F = F.clone()
-        self.best_measure = torch.where(finite, measure, torch.inf)
-        self.best_res = torch.where(finite, res, torch.inf)
-        self.initial_res = torch.where(finite, res, torch.inf)
-        self.nonfinite |= ~finite
-        self.active &= finite  # nothing to iterate from: fn(z0) is already NaN/Inf
-        self._check_converged(z, measure)
-
-    def _measure(self, z, F):
-        res = torch.linalg.vector_norm(F, dim=1)
-        if self.stop_mode == "abs":
-            measure = res
-        else:
-            measure = res / (torch.linalg.vector_norm(z, dim=1) + _REL_EPS)
-        return measure, res, torch.isfinite(res)
-
-    def _floor(self, z):
-        if self.stop_mode == "rel":
-            return torch.full(z.shape[:1], self.floor_scale, dtype=z.dtype, device=z.device)
-        return self.floor_scale * (torch.linalg.vector_norm(z, dim=1) + self.sqrt_n)
-
-    def _check_converged(self, z, measure):
-        done = self.active & (measure <= torch.clamp(self._floor(z), min=self.tol))
-        self.converged |= done
-        self.active &= ~done
+        self.any_fallback = False
+        # The first call records z0: its residual becomes the reference for divergence.
+        self.update(z, F)
+        self.nstep.zero_()
+        self.best[:, 2] = self.best[:, 1]
+        self.give_up(self.flagged(BLOWUP))  # fn(z0) is NaN/Inf: nothing to iterate from
+        self.n_active = int(self.flagged(ACTIVE).sum())
 
     def update(self, z, F):
-        """Records the iterate ``z`` with residual ``F`` for the active samples. Returns the
-        mask of samples whose residual is non-finite or exploded (needing a fallback)."""
-        measure, res, finite = self._measure(z, F)
-        was_active = self.active
-        self.nstep += was_active
-        better = was_active & finite & (measure < self.best_measure)
-        self.best_z = torch.where(better[:, None], z, self.best_z)
-        self.best_F = torch.where(better[:, None], F, self.best_F)
-        self.best_measure = torch.where(better, measure, self.best_measure)
-        self.best_res = torch.where(better, res, self.best_res)
-        blowup = was_active & (~finite | (res > self.divergence_ratio * self.initial_res.clamp(min=self.tol)))
-        self.nonfinite |= was_active & ~finite
-        self._check_converged(z, torch.where(finite, measure, torch.inf))
-        return blowup
+        """Records the iterate ``z`` with residual ``F`` for the active samples. Returns
+        ``(n_blowup, mask)``: how many samples have a non-finite or exploding residual, and
+        which samples the accelerated update applies to (active, not in fallback)."""
+        counts, mask = self._track(
+            z, F, self.best_z, self.best_F, self.best, self.status, self.nstep,
+            self.tol, self.floor_scale, self.divergence_ratio, self.stop_mode == "rel",
+        )
+        self.n_active, n_blowup = counts.tolist()  # the one host sync of an iteration
+        return n_blowup, mask
+
+    def flagged(self, bit):
+        return (self.status & bit) != 0
+
+    def accelerated_mask(self):
+        return self.flagged(ACTIVE) & ~self.flagged(FALLBACK)
 
     def give_up(self, mask):
         """Stops iterating the samples in ``mask`` (no way forward for them)."""
-        self.active &= ~mask
+        self.status &= torch.where(mask, ~ACTIVE & 0xFF, 0xFF).to(torch.uint8)
+        self.n_active = int(self.flagged(ACTIVE).sum())
 
-    def any_active(self) -> bool:
-        return bool(self.active.any())
+    def start_fallback(self, mask):
+        """Marks ``mask`` diverged and iterated by fixed-point steps from now on."""
+        self.status |= torch.where(mask, DIVERGED | FALLBACK, 0).to(torch.uint8)
+        self.any_fallback = True
 
     def finish(self, method, n_fn_evals, max_iter, shape, warn, on_divergence):
         """The best iterate in ``shape`` and the statistics; warns when some samples did not
         converge. ``on_divergence`` says what the method did with diverged samples."""
-        z = self.best_z.reshape(shape)
-        floor = self._floor(self.best_z)
-        rel = self.best_res / (torch.linalg.vector_norm(self.best_z, dim=1) + _REL_EPS)
+        dtype = self.best_z.dtype
+        z_norm = torch.linalg.vector_norm(self.best_z, dim=1, dtype=torch.float64)
+        if self.stop_mode == "rel":
+            floor = torch.full_like(z_norm, self.floor_scale)
+        else:
+            floor = self.floor_scale * (z_norm + math.sqrt(self.best_z.shape[1]))
+        residual = self.best[:, 1]
         stats = SolverStats(
             method=method,
             nstep=self.nstep,
-            residual=self.best_res,
-            rel_residual=rel,
-            converged=self.converged,
-            diverged=self.diverged,
-            nonfinite=self.nonfinite,
-            tol_floor=floor,
+            residual=residual.to(dtype),
+            rel_residual=(residual / (z_norm + _REL_EPS)).to(dtype),
+            converged=self.flagged(CONVERGED),
+            diverged=self.flagged(DIVERGED),
+            nonfinite=self.flagged(NONFINITE),
+            tol_floor=floor.to(dtype),
             n_fn_evals=n_fn_evals,
             tol=self.tol,
             stop_mode=self.stop_mode,
@@ -164,7 +161,7 @@ class Tracker:
         )
         if warn and not stats.all_converged:
             warnings.warn(_failure_message(stats, on_divergence), SolverWarning, stacklevel=3)
-        return z, stats
+        return self.best_z.reshape(shape), stats
 
 
 def _failure_message(stats, on_divergence):

@@ -2,7 +2,14 @@
 
 import torch
 
-from impflow.solvers._common import FlatFunction, Tracker, check_common_args, check_history
+from impflow.ops.track import ACTIVE, BLOWUP, FALLBACK
+from impflow.solvers._common import (
+    FlatFunction,
+    Tracker,
+    check_common_args,
+    check_history,
+    check_impl,
+)
 
 __all__ = ["anderson"]
 
@@ -19,6 +26,7 @@ def anderson(
     mixing=1.0,
     regularization=1e-8,
     divergence_ratio=1e3,
+    impl="fused",
     warn=True,
 ):
     """Finds ``z`` with ``fn(z) = 0`` by Anderson acceleration of ``z <- z + fn(z)``.
@@ -28,7 +36,7 @@ def anderson(
     least-squares system regularised by ``regularization`` times its scale.
 
     Args:
-        fn, z0, max_iter, tol, stop_mode, divergence_ratio, warn: as in :func:`broyden`.
+        fn, z0, max_iter, tol, stop_mode, divergence_ratio, impl, warn: as in :func:`broyden`.
         history: number of past iterates combined (>= 1; 1 is fixed-point iteration).
         mixing: weight ``beta`` in (0, 1] of the mapped iterates ``z_k + fn(z_k)``.
         regularization: relative Tikhonov term of the least-squares system (>= 0).
@@ -43,6 +51,7 @@ def anderson(
     """
     check_common_args(z0, max_iter, tol, stop_mode, divergence_ratio)
     check_history(history)
+    check_impl(impl)
     if not isinstance(mixing, (int, float)) or not 0 < mixing <= 1:
         raise ValueError(f"mixing must be a number in (0, 1], got {mixing!r}")
     if not isinstance(regularization, (int, float)) or not regularization >= 0:
@@ -50,30 +59,32 @@ def anderson(
     f = FlatFunction(fn, z0)
     z = z0.detach().reshape(z0.shape[0], -1).clone()
     F = f(z)
-    track = Tracker(z, F, tol=tol, stop_mode=stop_mode, divergence_ratio=divergence_ratio)
+    track = Tracker(z, F, tol=tol, stop_mode=stop_mode, divergence_ratio=divergence_ratio, impl=impl)
     B, n = z.shape
     Z = torch.zeros(B, history, n, dtype=z.dtype, device=z.device)  # iterates z_k
     R = torch.zeros_like(Z)  # their residuals fn(z_k)
-    fallback = torch.zeros(B, dtype=torch.bool, device=z.device)
+    active = track.flagged(ACTIVE)
     for k in range(max_iter):
-        if not track.any_active():
+        if not track.n_active:
             break
         slot = k % history
         Z[:, slot], R[:, slot] = z, F
         count = min(k + 1, history)
         z_next = _anderson_combination(Z[:, :count], R[:, :count], slot, mixing, regularization)
-        # Fixed-point steps where Anderson gave up on a sample; no move where it is done.
-        z_next = torch.where(fallback[:, None], z + F, z_next)
-        z_next = torch.where(track.active[:, None], z_next, z)
+        if track.any_fallback:  # fixed-point steps where Anderson gave up on a sample
+            z_next = torch.where(track.flagged(FALLBACK)[:, None], z + F, z_next)
+        z_next = torch.where(active[:, None], z_next, z)  # no move where it is done
         F_next = f(z_next)
-        blowup = track.update(z_next, F_next)
-        if bool(blowup.any()):
+        n_blowup, _ = track.update(z_next, F_next)
+        if n_blowup:
+            blowup = track.flagged(BLOWUP)
+            fallback = track.flagged(FALLBACK)
             track.give_up(blowup & fallback)
             fresh = blowup & ~fallback
-            track.diverged |= fresh
-            fallback |= fresh
+            track.start_fallback(fresh)
             z_next = torch.where(fresh[:, None], track.best_z, z_next)
             F_next = torch.where(fresh[:, None], track.best_F, F_next)
+        active = track.flagged(ACTIVE)
         z, F = z_next, F_next
     return track.finish(
         "anderson", f.calls, max_iter, z0.shape, warn,

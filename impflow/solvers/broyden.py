@@ -4,6 +4,7 @@ import torch
 
 from impflow.ops.broyden import broyden_step
 from impflow.ops.reference import broyden_step_reference
+from impflow.ops.track import ACTIVE, BLOWUP, FALLBACK
 from impflow.solvers._common import FlatFunction, Tracker, check_common_args, check_history
 
 __all__ = ["broyden"]
@@ -42,7 +43,8 @@ def broyden(
         history: rank ``m`` of the inverse-Jacobian estimate (>= 1).
         divergence_ratio: a residual above this multiple of the first one, or a non-finite
             one, sends the sample back to its best iterate and on by fixed-point iteration.
-        impl: ``"fused"`` (the C++/CUDA op) or ``"reference"`` (plain PyTorch einsums).
+        impl: ``"fused"`` (the C++/CUDA ops) or ``"reference"`` (the same algorithm in plain
+            PyTorch: einsums over the history, as the original ImpFlow code).
         warn: emit a :class:`SolverWarning` when some samples did not converge.
 
     Returns:
@@ -61,34 +63,34 @@ def broyden(
     f = FlatFunction(fn, z0)
     z = z0.detach().reshape(z0.shape[0], -1).clone()
     F = f(z)
-    track = Tracker(z, F, tol=tol, stop_mode=stop_mode, divergence_ratio=divergence_ratio)
+    track = Tracker(z, F, tol=tol, stop_mode=stop_mode, divergence_ratio=divergence_ratio, impl=impl)
     B, n = z.shape
     U = torch.zeros(B, history, n, dtype=z.dtype, device=z.device)
     V = torch.zeros_like(U)
-    fallback = torch.zeros(B, dtype=torch.bool, device=z.device)  # fixed-point mode
-    step = torch.where(track.active[:, None], F, 0.0)
+    step = torch.where(track.flagged(ACTIVE)[:, None], F, 0.0)  # H = -I: a fixed-point step
     n_updates = 0
-    for _ in range(max_iter):
-        if not track.any_active():
-            break
+    while track.n_active and n_updates < max_iter:
         z_new = z + step
         F_new = f(z_new)
-        blowup = track.update(z_new, F_new)
-        if bool(blowup.any()):
+        n_blowup, use = track.update(z_new, F_new)
+        if n_blowup:
             # Broyden samples restart from their best iterate by fixed-point iteration;
             # samples already in that mode have nowhere left to go.
+            blowup = track.flagged(BLOWUP)
+            fallback = track.flagged(FALLBACK)
             track.give_up(blowup & fallback)
             fresh = blowup & ~fallback
-            track.diverged |= fresh
-            fallback |= fresh
+            track.start_fallback(fresh)
             z_new = torch.where(fresh[:, None], track.best_z, z_new)
             F_new = torch.where(fresh[:, None], track.best_F, F_new)
-        use_broyden = track.active & ~fallback
+            use = track.accelerated_mask()
         slot = n_updates % history
         n_valid = min(n_updates, history)
-        step = update(U, V, step, F_new - F, F_new, use_broyden, slot, n_valid)
+        step = update(U, V, step, F_new - F, F_new, use, slot, n_valid)
         n_updates += 1
-        step = torch.where((track.active & fallback)[:, None], F_new, step)
+        if track.any_fallback:
+            fixed = track.flagged(ACTIVE) & track.flagged(FALLBACK)
+            step = torch.where(fixed[:, None], F_new, step)
         z, F = z_new, F_new
     return track.finish(
         "broyden", f.calls, max_iter, z0.shape, warn,

@@ -2,7 +2,8 @@
 
 import torch
 
-from impflow.solvers._common import FlatFunction, Tracker, check_common_args
+from impflow.ops.track import ACTIVE, BLOWUP, DIVERGED
+from impflow.solvers._common import FlatFunction, Tracker, check_common_args, check_impl
 
 __all__ = ["fixed_point"]
 
@@ -17,6 +18,7 @@ def fixed_point(
     stop_mode="abs",
     damping=1.0,
     divergence_ratio=1e3,
+    impl="fused",
     warn=True,
 ):
     """Finds ``z`` with ``fn(z) = 0`` by iterating ``z <- z + damping * fn(z)``.
@@ -26,7 +28,7 @@ def fixed_point(
     the contraction, so slowly near Lipschitz 1 (use :func:`broyden` there).
 
     Args:
-        fn, z0, max_iter, tol, stop_mode, divergence_ratio, warn: as in :func:`broyden`
+        fn, z0, max_iter, tol, stop_mode, divergence_ratio, impl, warn: as in :func:`broyden`
             (a sample whose residual explodes or turns non-finite is stopped and reported).
         damping: step size in (0, 1].
 
@@ -34,21 +36,25 @@ def fixed_point(
         ``(z, stats)`` as in :func:`broyden`.
     """
     check_common_args(z0, max_iter, tol, stop_mode, divergence_ratio)
+    check_impl(impl)
     if not isinstance(damping, (int, float)) or not 0 < damping <= 1:
         raise ValueError(f"damping must be a number in (0, 1], got {damping!r}")
     f = FlatFunction(fn, z0)
     z = z0.detach().reshape(z0.shape[0], -1).clone()
     F = f(z)
-    track = Tracker(z, F, tol=tol, stop_mode=stop_mode, divergence_ratio=divergence_ratio)
+    track = Tracker(z, F, tol=tol, stop_mode=stop_mode, divergence_ratio=divergence_ratio, impl=impl)
+    active = track.flagged(ACTIVE)
     for _ in range(max_iter):
-        if not track.any_active():
+        if not track.n_active:
             break
-        z = torch.where(track.active[:, None], z + damping * F, z)
+        z = torch.where(active[:, None], z + damping * F, z)
         F = f(z)
-        blowup = track.update(z, F)
-        if bool(blowup.any()):
-            track.diverged |= blowup
+        n_blowup, active = track.update(z, F)
+        if n_blowup:  # no method left to fall back on: stop those samples
+            blowup = track.flagged(BLOWUP)
+            track.status |= torch.where(blowup, DIVERGED, 0).to(torch.uint8)
             track.give_up(blowup)
+            active = track.flagged(ACTIVE)
     return track.finish(
         "fixed_point", f.calls, max_iter, z0.shape, warn,
         on_divergence="stopped at the best iterate",

@@ -4,6 +4,8 @@
 
 #include <ATen/ATen.h>
 
+#include <tuple>
+
 namespace impflow {
 
 // One fused good-Broyden update per active sample; see DESIGN.md §3 and broyden_math.h.
@@ -12,6 +14,18 @@ namespace impflow {
 at::Tensor broyden_step(at::Tensor& U, at::Tensor& V, const at::Tensor& dz, const at::Tensor& dF,
                         const at::Tensor& F, const at::Tensor& active, int64_t slot,
                         int64_t n_valid);
+
+// Bookkeeping of one solver iteration for the active samples (status bit kActive, see
+// track_math.h): residual ||F||_2 and measure (abs, or rel = ||F|| / ||z||), best iterate
+// copied into best_z / best_F when it improved, convergence at max(tol, precision floor),
+// non-finite and exploding residuals flagged, nstep incremented. z, F: (B, n); best: (B, 3)
+// float64 [best measure, best residual, first residual]; status: (B,) uint8; nstep: (B,) int64.
+// Returns (counts, mask): int64 [active, blown up] and bool (B,) = active and not in fallback.
+std::tuple<at::Tensor, at::Tensor> solver_track(const at::Tensor& z, const at::Tensor& F,
+                                                at::Tensor& best_z, at::Tensor& best_F,
+                                                at::Tensor& best, at::Tensor& status,
+                                                at::Tensor& nstep, double tol, double floor_scale,
+                                                double divergence_ratio, bool relative);
 
 // True when this build carries CUDA kernels.
 bool compiled_with_cuda();

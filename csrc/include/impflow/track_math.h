@@ -1,0 +1,63 @@
+// Per-sample bookkeeping of a root solve (impflow::solver_track), shared by the CPU and CUDA
+// kernels: status bits and the decision taken from a sample's residual and iterate norms.
+#pragma once
+
+#include <cstdint>
+
+#include "impflow/broyden_math.h"
+
+namespace impflow {
+
+// Bits of the per-sample status byte (uint8). Python mirrors them in impflow/ops/track.py.
+enum TrackStatus : uint8_t {
+  kActive = 1,      // still iterating
+  kConverged = 2,   // reached max(tol, floor)
+  kNonfinite = 4,   // fn returned NaN/Inf for this sample at some point
+  kDiverged = 8,    // set by the solver when it restarts a sample (not by the op)
+  kFallback = 16,   // set by the solver: iterated by fixed-point steps from now on
+  kBlowup = 32,     // this call: residual non-finite or above divergence_ratio x the first
+};
+
+// Columns of the per-sample float64 record `best`.
+enum TrackBest : int { kBestMeasure = 0, kBestResidual = 1, kInitialResidual = 2, kBestColumns = 3 };
+
+struct TrackSettings {
+  double tol;
+  double floor_scale;       // the precision floor is floor_scale (rel) or
+                            // floor_scale * (||z|| + sqrt(n)) (abs)
+  double divergence_ratio;
+  double sqrt_n;
+  bool relative;
+};
+
+struct TrackDecision {
+  bool better;   // copy z, F into best_z, best_F
+  double measure, residual;
+  uint8_t status;
+};
+
+// Decision for an active sample from ||F||^2 and ||z||^2 (accumulated in double).
+IMPFLOW_HOST_DEVICE TrackDecision track_decide(double F_sq, double z_sq, const double* best,
+                                               uint8_t status, const TrackSettings& s) {
+  TrackDecision out;
+  const double res = sqrt(F_sq);
+  const double z_norm = sqrt(z_sq);
+  const bool finite = finite_value(res);
+  const double measure = s.relative ? res / (z_norm + 1e-12) : res;
+  out.residual = res;
+  out.measure = measure;
+  out.better = finite && measure < best[kBestMeasure];
+  const double initial = best[kInitialResidual];
+  const double scale = initial > s.tol ? initial : s.tol;
+  const bool blowup = !finite || res > s.divergence_ratio * scale;
+  const double floor = s.relative ? s.floor_scale : s.floor_scale * (z_norm + s.sqrt_n);
+  const double stop = floor > s.tol ? floor : s.tol;
+  status = uint8_t(status & ~kBlowup);
+  if (!finite) status |= kNonfinite;
+  if (blowup) status |= kBlowup;
+  if (finite && measure <= stop) status = uint8_t((status | kConverged) & ~kActive);
+  out.status = status;
+  return out;
+}
+
+}  // namespace impflow
