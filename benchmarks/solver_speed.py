@@ -27,22 +27,25 @@ from _timing import copy_bandwidth, machine_facts, median_seconds, write_json  #
 from impflow.ops import broyden_step  # noqa: E402
 from impflow.ops.reference import broyden_step_reference  # noqa: E402
 from impflow.solvers import broyden  # noqa: E402
+from impflow.solvers.broyden import broyden_history  # noqa: E402
 
 SIZES = [(5000, 2, 30), (1000, 64, 30), (256, 3072, 30)]
 QUICK_SIZES = [(500, 2, 30), (100, 64, 30), (16, 3072, 30)]
 SOLVE_ITERATIONS = 20
 
 
-def step_state(B, d, m, dtype, device, seed=0):
-    """A full history (n_valid = m) and vectors shaped like those of a real solve."""
+def step_state(B, d, m, dtype, device, impl, seed=0):
+    """A full history (n_valid = m), in the layout the solver uses with ``impl``, and vectors
+    shaped like those of a real solve."""
     gen = torch.Generator().manual_seed(seed)
-    U = 0.3 / d**0.5 * torch.randn(B, m, d, generator=gen, dtype=dtype)
-    V = 0.3 / d**0.5 * torch.randn(B, m, d, generator=gen, dtype=dtype)
+    U, V = broyden_history(B, d, m, dtype, device, impl)
+    U.copy_(0.3 / d**0.5 * torch.randn(B, m, d, generator=gen, dtype=dtype))
+    V.copy_(0.3 / d**0.5 * torch.randn(B, m, d, generator=gen, dtype=dtype))
     dz = torch.randn(B, d, generator=gen, dtype=dtype)
     dF = -dz + 0.3 * torch.randn(B, d, generator=gen, dtype=dtype)
     F = torch.randn(B, d, generator=gen, dtype=dtype)
     active = torch.ones(B, dtype=torch.bool)
-    return [t.to(device) for t in (U, V, dz, dF, F, active)]
+    return [U, V] + [t.to(device) for t in (dz, dF, F, active)]
 
 
 def step_bytes(B, d, m, itemsize):
@@ -66,7 +69,7 @@ def bench_config(B, d, m, device, dtype, min_seconds):
     row = {"B": B, "d": d, "m": m, "device": str(device), "dtype": str(dtype).replace("torch.", "")}
     slot = m // 2
     for name, op in (("fused", broyden_step), ("reference", broyden_step_reference)):
-        state = step_state(B, d, m, dtype, device)
+        state = step_state(B, d, m, dtype, device, name)
         seconds, n = median_seconds(lambda: op(*state, slot, m), device, min_seconds=min_seconds)
         row[f"step_{name}_ms"] = seconds * 1e3
         row[f"step_{name}_repeats"] = n

@@ -8,7 +8,12 @@ from impflow.ops.reference import broyden_step_reference
 from testing import DEVICES, DTYPES, REL_TOL, noncontiguous, rel_error
 
 
-def make_state(B, m, d, n_valid, dtype, device, seed, active_fraction=1.0):
+def batch_minor(t):
+    """The same (B, m, d) values stored as a contiguous (m, d, B) tensor."""
+    return t.permute(1, 2, 0).contiguous().permute(2, 0, 1)
+
+
+def make_state(B, m, d, n_valid, dtype, device, seed, active_fraction=1.0, layout="contiguous"):
     """Histories and vectors as a Broyden solve of a contraction produces them: dF close to
     -dz (F(z) = g(z) - z with Lip(g) < 1), so the update denominators stay away from zero."""
     gen = torch.Generator().manual_seed(seed)
@@ -26,6 +31,8 @@ def make_state(B, m, d, n_valid, dtype, device, seed, active_fraction=1.0):
     active = torch.rand(B, generator=gen) < active_fraction
     if active_fraction < 1.0:
         active[0] = True  # at least one sample does work
+    if layout == "batch_minor":
+        U, V = batch_minor(U), batch_minor(V)
     return [t.to(device) for t in (U, V, dz, dF, F, active)]
 
 
@@ -80,9 +87,25 @@ def test_matches_reference(B, m, d, dtype, device):
 
 @pytest.mark.parametrize("device", DEVICES)
 @pytest.mark.parametrize("dtype", DTYPES)
-def test_partially_active_mask(dtype, device):
+@pytest.mark.parametrize("B,m,d", [(B, m, d) for B in (1, 7, 256) for d in (1, 2, 3, 64) for m in (1, 5, 30)])
+def test_batch_minor_layout_matches_reference(B, m, d, dtype, device):
+    """Histories stored as (m, d, B) (the solver's layout for small d on CPU)."""
+    for n_valid, slot in {(0, 0), (m - 1, m - 1), (m, m // 2)}:
+        state = make_state(B, m, d, n_valid, dtype, device, seed=B + m + d, layout="batch_minor",
+                           active_fraction=0.7)
+        same = reference_on_copies(*state, slot, n_valid, dtype)
+        out, ref = run_both(*state, slot, n_valid)
+        assert_close_to_reference(out, ref, same, f"(n_valid={n_valid}, slot={slot})")
+        assert out[1].stride() == state[0].stride()  # updated in place, layout kept
+
+
+@pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("layout", ["contiguous", "batch_minor"])
+def test_partially_active_mask(layout, dtype, device):
     B, m, d, n_valid, slot = 33, 5, 17, 5, 2
-    U, V, dz, dF, F, active = make_state(B, m, d, n_valid, dtype, device, seed=3, active_fraction=0.5)
+    U, V, dz, dF, F, active = make_state(B, m, d, n_valid, dtype, device, seed=3, active_fraction=0.5,
+                                         layout=layout)
     assert 0 < int(active.sum()) < B
     U0, V0 = U.clone(), V.clone()
     same = reference_on_copies(U, V, dz, dF, F, active, slot, n_valid, dtype)
@@ -152,7 +175,8 @@ BAD_ARGS = [
     ("active must be a bool tensor", lambda s: s.update(active=s["active"].float())),
     ("dtype of U", lambda s: s.update(dF=s["dF"].double())),
     ("float32 or float64", lambda s: s.update(**{k: s[k].half() for k in ("U", "V", "dz", "dF", "F")})),
-    ("must be contiguous", lambda s: s.update(U=noncontiguous(s["U"]))),
+    ("must both be contiguous", lambda s: s.update(U=noncontiguous(s["U"]))),
+    ("must both be contiguous", lambda s: s.update(U=batch_minor(s["U"]))),  # V stays contiguous
     ("slot must be in", lambda s: s.update(slot=4)),
     ("n_valid must be in", lambda s: s.update(n_valid=5)),
     ("slot must equal n_valid", lambda s: s.update(n_valid=2, slot=3)),

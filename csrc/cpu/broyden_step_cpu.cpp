@@ -142,7 +142,104 @@ IMPFLOW_INLINE void sample_small(const Sample<scalar_t>& s, int n_valid, int slo
 struct Problem {
   int64_t B, m, d;
   int n_valid, slot;
+  bool batch_minor;  // histories stored as (m, d, B), see is_batch_minor
 };
+
+constexpr int64_t kLanes = 512;  // samples processed side by side by the batch-minor kernel
+
+// Batch-minor histories (U[i][j][b], contiguous along b): every loop runs along the samples,
+// so the vector lanes hold different samples and no horizontal reduction is needed. This is
+// the fast layout for small d, where a single sample is too short to fill a vector.
+template <typename scalar_t, int D>  // D > 0: d known at compile time; 0: p.d
+IMPFLOW_INLINE void samples_batch_minor(scalar_t* __restrict__ U, scalar_t* __restrict__ V,
+                                        const scalar_t* __restrict__ dz,
+                                        const scalar_t* __restrict__ dF,
+                                        const scalar_t* __restrict__ F,
+                                        const bool* __restrict__ active,
+                                        scalar_t* __restrict__ step, const Problem& p,
+                                        int64_t begin, int64_t end, scalar_t* __restrict__ work) {
+  using acc_t = scalar_t;
+  const int64_t B = p.B, d = D > 0 ? D : p.d;
+  const int n_valid = p.n_valid, slot = p.slot;
+  // work: (6 d + 7) kLanes values (the pointers below), allocated by the caller.
+  acc_t* __restrict__ x = work;                    // dz, transposed to [j][lane]
+  acc_t* __restrict__ g = x + d * kLanes;          // dF
+  acc_t* __restrict__ f = g + d * kLanes;          // F
+  acc_t* __restrict__ ub = f + d * kLanes;         // sum_i u_i[j] b_i
+  acc_t* __restrict__ va = ub + d * kLanes;        // sum_i v_i[j] a_i
+  acc_t* __restrict__ uc = va + d * kLanes;        // sum_{i != slot} u_i[j] c_i
+  acc_t* __restrict__ a = uc + d * kLanes;         // per-slot dots of the current slot
+  acc_t* __restrict__ bb = a + kLanes;
+  acc_t* __restrict__ c = bb + kLanes;
+  acc_t* __restrict__ sab = c + kLanes;            // sum_i a_i b_i, then sum_i a_i c_i
+  acc_t* __restrict__ sac = sab + kLanes;
+  acc_t* __restrict__ dzdF = sac + kLanes;
+  acc_t* __restrict__ dzF = dzdF + kLanes;
+  for (int64_t b0 = begin; b0 < end; b0 += kLanes) {
+    const int64_t len = std::min(kLanes, end - b0);
+    for (int64_t j = 0; j < d; ++j) {
+#pragma omp simd
+      for (int64_t l = 0; l < len; ++l) {
+        x[j * kLanes + l] = dz[(b0 + l) * d + j];
+        g[j * kLanes + l] = dF[(b0 + l) * d + j];
+        f[j * kLanes + l] = F[(b0 + l) * d + j];
+        ub[j * kLanes + l] = va[j * kLanes + l] = uc[j * kLanes + l] = acc_t(0);
+      }
+    }
+#pragma omp simd
+    for (int64_t l = 0; l < len; ++l) sab[l] = sac[l] = dzdF[l] = dzF[l] = acc_t(0);
+    for (int64_t j = 0; j < d; ++j) {
+#pragma omp simd
+      for (int64_t l = 0; l < len; ++l) {
+        dzdF[l] += x[j * kLanes + l] * g[j * kLanes + l];
+        dzF[l] += x[j * kLanes + l] * f[j * kLanes + l];
+      }
+    }
+    for (int i = 0; i < n_valid; ++i) {
+      const scalar_t* __restrict__ Ui = U + (int64_t(i) * d) * B + b0;
+      const scalar_t* __restrict__ Vi = V + (int64_t(i) * d) * B + b0;
+#pragma omp simd
+      for (int64_t l = 0; l < len; ++l) a[l] = bb[l] = c[l] = acc_t(0);
+      for (int64_t j = 0; j < d; ++j) {
+#pragma omp simd
+        for (int64_t l = 0; l < len; ++l) {
+          const acc_t v = Vi[j * B + l];
+          a[l] += x[j * kLanes + l] * acc_t(Ui[j * B + l]);
+          bb[l] += v * g[j * kLanes + l];
+          c[l] += v * f[j * kLanes + l];
+        }
+      }
+      const acc_t keep = (i == slot) ? acc_t(0) : acc_t(1);  // the overwritten slot drops out
+#pragma omp simd
+      for (int64_t l = 0; l < len; ++l) sab[l] += a[l] * bb[l], sac[l] += a[l] * c[l];
+      for (int64_t j = 0; j < d; ++j) {
+#pragma omp simd
+        for (int64_t l = 0; l < len; ++l) {
+          const acc_t u = Ui[j * B + l];
+          ub[j * kLanes + l] += u * bb[l];
+          va[j * kLanes + l] += acc_t(Vi[j * B + l]) * a[l];
+          uc[j * kLanes + l] += u * (keep * c[l]);
+        }
+      }
+    }
+    scalar_t* __restrict__ Us = U + (int64_t(slot) * d) * B + b0;
+    scalar_t* __restrict__ Vs = V + (int64_t(slot) * d) * B + b0;
+    for (int64_t j = 0; j < d; ++j) {
+#pragma omp simd
+      for (int64_t l = 0; l < len; ++l) {
+        const auto k = broyden_coefficients_from_sums<acc_t>(sab[l], sac[l], dzdF[l], dzF[l]);
+        acc_t u_new, v_new, st;
+        broyden_element<acc_t>(x[j * kLanes + l], g[j * kLanes + l], f[j * kLanes + l],
+                               ub[j * kLanes + l], va[j * kLanes + l], uc[j * kLanes + l], k,
+                               &u_new, &v_new, &st);
+        const bool on = active[b0 + l];  // inactive samples: history untouched, no step
+        Us[j * B + l] = on ? scalar_t(u_new) : Us[j * B + l];
+        Vs[j * B + l] = on ? scalar_t(v_new) : Vs[j * B + l];
+        step[(b0 + l) * d + j] = on ? scalar_t(st) : scalar_t(0);
+      }
+    }
+  }
+}
 
 // All samples in [begin, end): the multiversioned hot loop.
 template <typename scalar_t>
@@ -150,6 +247,15 @@ IMPFLOW_INLINE void samples_range(scalar_t* U, scalar_t* V, const scalar_t* dz, 
                                   const scalar_t* F, const bool* active, scalar_t* step,
                                   const Problem& p, int64_t begin, int64_t end,
                                   at::opmath_type<scalar_t>* rows) {
+  if (p.batch_minor) {
+    switch (p.d) {
+      case 1: return samples_batch_minor<scalar_t, 1>(U, V, dz, dF, F, active, step, p, begin, end, rows);
+      case 2: return samples_batch_minor<scalar_t, 2>(U, V, dz, dF, F, active, step, p, begin, end, rows);
+      case 3: return samples_batch_minor<scalar_t, 3>(U, V, dz, dF, F, active, step, p, begin, end, rows);
+      case 4: return samples_batch_minor<scalar_t, 4>(U, V, dz, dF, F, active, step, p, begin, end, rows);
+      default: return samples_batch_minor<scalar_t, 0>(U, V, dz, dF, F, active, step, p, begin, end, rows);
+    }
+  }
   for (int64_t b = begin; b < end; ++b) {
     if (!active[b]) {  // inactive samples take no step
       for (int64_t j = 0; j < p.d; ++j) step[b * p.d + j] = scalar_t(0);
@@ -200,7 +306,7 @@ at::Tensor broyden_step_cpu(at::Tensor& U, at::Tensor& V, const at::Tensor& dz_i
   check_broyden_step_args(U, V, dz_in, dF_in, F_in, active_in, slot, n_valid);
   const auto dz = dz_in.contiguous(), dF = dF_in.contiguous(), F = F_in.contiguous();
   const auto active = active_in.contiguous();
-  const Problem p{U.size(0), U.size(1), U.size(2), int(n_valid), int(slot)};
+  const Problem p{U.size(0), U.size(1), U.size(2), int(n_valid), int(slot), is_batch_minor(U) && !U.is_contiguous()};
   auto step = at::empty_like(F);
   if (p.B == 0 || p.d == 0) return step;
   AT_DISPATCH_FLOATING_TYPES(U.scalar_type(), "broyden_step_cpu", [&] {
@@ -215,7 +321,8 @@ at::Tensor broyden_step_cpu(at::Tensor& U, at::Tensor& V, const at::Tensor& dz_i
     // Small samples are cheap: group them so that a task amortises the scheduling.
     const int64_t grain = std::max<int64_t>(1, 32768 / ((2 * p.m + 4) * p.d));
     at::parallel_for(0, p.B, grain, [&](int64_t begin, int64_t end) {
-      std::vector<scalar_t> rows(3 * p.d);  // row sums of sample_general
+      // Row sums of sample_general, or the lane buffers of samples_batch_minor.
+      std::vector<scalar_t> rows(p.batch_minor ? (9 * p.d + 7) * kLanes : 3 * p.d);
       samples_range_any(U_ptr, V_ptr, dz_ptr, dF_ptr, F_ptr, active_ptr, step_ptr, p, begin, end,
                         rows.data());
     });

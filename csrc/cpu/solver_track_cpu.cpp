@@ -7,6 +7,7 @@
 
 #include <atomic>
 #include <cmath>
+#include <limits>
 #include <utility>
 #include <tuple>
 
@@ -16,7 +17,11 @@
 namespace impflow {
 namespace {
 
+constexpr int64_t kBlock = 256;  // samples whose norms and decisions are vectorised together
+
 // Returns the counts [active, blown up] of the range and writes its part of the mask.
+// Three loops per block of samples, each vectorised along the samples: the norms, the
+// decisions (track_decide, branch-free), then the copies into the best iterate.
 template <typename scalar_t>
 std::pair<int64_t, int64_t> track_samples(const scalar_t* __restrict__ z,
                                           const scalar_t* __restrict__ F,
@@ -25,33 +30,73 @@ std::pair<int64_t, int64_t> track_samples(const scalar_t* __restrict__ z,
                                           uint8_t* __restrict__ status, int64_t* __restrict__ nstep,
                                           bool* __restrict__ mask, int64_t n,
                                           const TrackSettings& s, int64_t begin, int64_t end) {
+  double F_sq[kBlock], z_sq[kBlock];
+  bool better[kBlock];
   int64_t active = 0, blowup = 0;
-  for (int64_t b = begin; b < end; ++b) {
-    status[b] = uint8_t(status[b] & ~kBlowup);
-    if (!(status[b] & kActive)) {
-      mask[b] = false;
-      continue;
+  for (int64_t b0 = begin; b0 < end; b0 += kBlock) {
+    const int64_t len = std::min(kBlock, end - b0);
+    if (n <= 8) {  // short samples: lanes hold samples
+#pragma omp simd
+      for (int64_t l = 0; l < len; ++l) {
+        double f2 = 0, z2 = 0;
+        for (int64_t j = 0; j < n; ++j) {
+          const double f = F[(b0 + l) * n + j], x = z[(b0 + l) * n + j];
+          f2 += f * f, z2 += x * x;
+        }
+        F_sq[l] = f2, z_sq[l] = z2;
+      }
+    } else {  // long samples: lanes run along each sample
+      for (int64_t l = 0; l < len; ++l) {
+        const scalar_t* Fb = F + (b0 + l) * n;
+        const scalar_t* zb = z + (b0 + l) * n;
+        double f2 = 0, z2 = 0;
+        if (status[b0 + l] & kActive) {
+#pragma omp simd reduction(+ : f2, z2)
+          for (int64_t j = 0; j < n; ++j) f2 += double(Fb[j]) * double(Fb[j]), z2 += double(zb[j]) * double(zb[j]);
+        }
+        F_sq[l] = f2, z_sq[l] = z2;
+      }
     }
-    const scalar_t* zb = z + b * n;
-    const scalar_t* Fb = F + b * n;
-    double F_sq = 0, z_sq = 0;
-#pragma omp simd reduction(+ : F_sq, z_sq)
-    for (int64_t j = 0; j < n; ++j) {
-      F_sq += double(Fb[j]) * double(Fb[j]);
-      z_sq += double(zb[j]) * double(zb[j]);
+    // The decision of track_decide, written out branch-free so that it vectorises.
+    const double tol = s.tol, ratio = s.divergence_ratio, floor_scale = s.floor_scale;
+    const double sqrt_n = s.sqrt_n;
+    const bool relative = s.relative;
+    int64_t block_active = 0, block_blowup = 0;
+#pragma omp simd reduction(+ : block_active, block_blowup)
+    for (int64_t l = 0; l < len; ++l) {
+      const int64_t b = b0 + l;
+      double* rec = best + b * kBestColumns;
+      const int old = status[b];
+      const bool on = (old & kActive) != 0;
+      const double res = std::sqrt(F_sq[l]);
+      const double z_norm = std::sqrt(z_sq[l]);
+      const bool finite = res <= std::numeric_limits<double>::max();  // false for NaN and Inf
+      const double measure = relative ? res / (z_norm + 1e-12) : res;
+      const bool improve = on && finite && measure < rec[kBestMeasure];
+      const double initial = rec[kInitialResidual];
+      const bool blow = on && !(res <= ratio * (initial > tol ? initial : tol));
+      const double floor = relative ? floor_scale : floor_scale * (z_norm + sqrt_n);
+      const bool done = on && finite && measure <= (floor > tol ? floor : tol);
+      int st = old & ~kBlowup;
+      st |= (on && !finite) ? kNonfinite : 0;
+      st |= blow ? kBlowup : 0;
+      st = done ? ((st | kConverged) & ~kActive) : st;
+      better[l] = improve;
+      rec[kBestMeasure] = improve ? measure : rec[kBestMeasure];
+      rec[kBestResidual] = improve ? res : rec[kBestResidual];
+      status[b] = uint8_t(st);
+      nstep[b] += on ? 1 : 0;
+      mask[b] = (st & (kActive | kFallback)) == kActive;
+      block_active += (st & kActive) != 0;
+      block_blowup += (st & kBlowup) != 0;
     }
-    double* rec = best + b * kBestColumns;
-    const TrackDecision d = track_decide(F_sq, z_sq, rec, status[b], s);
-    if (d.better) {
-      for (int64_t j = 0; j < n; ++j) best_z[b * n + j] = zb[j], best_F[b * n + j] = Fb[j];
-      rec[kBestMeasure] = d.measure;
-      rec[kBestResidual] = d.residual;
+    active += block_active;
+    blowup += block_blowup;
+    for (int64_t l = 0; l < len; ++l) {
+      if (!better[l]) continue;
+      const int64_t b = b0 + l;
+      for (int64_t j = 0; j < n; ++j) best_z[b * n + j] = z[b * n + j], best_F[b * n + j] = F[b * n + j];
     }
-    status[b] = d.status;
-    nstep[b] += 1;
-    active += (d.status & kActive) != 0;
-    blowup += (d.status & kBlowup) != 0;
-    mask[b] = (d.status & (kActive | kFallback)) == kActive;
   }
   return {active, blowup};
 }

@@ -35,7 +35,8 @@ broyden_step_kernel(scalar_t* __restrict__ U, scalar_t* __restrict__ V,
                     const scalar_t* __restrict__ dz, const scalar_t* __restrict__ dF,
                     const scalar_t* __restrict__ F, const bool* __restrict__ active,
                     scalar_t* __restrict__ step, int64_t B, int64_t m, int64_t d, int n_valid,
-                    int slot) {
+                    int slot, int64_t sB, int64_t sM, int64_t sD) {
+  // History element (b, i, j) lives at b * sB + i * sM + j * sD (contiguous or batch-minor).
   using acc_t = at::opmath_type<scalar_t>;
   constexpr int kGroupsPerBlock = kBlockThreads / GROUP;
   constexpr int kWarpsPerGroup = GROUP / kWarp;
@@ -53,8 +54,8 @@ broyden_step_kernel(scalar_t* __restrict__ U, scalar_t* __restrict__ V,
   const int n_dots = broyden_dots_size(n_valid);
   acc_t* partial = smem + int64_t(group) * kWarpsPerGroup * n_dots;  // [warp][dot]
 
-  const scalar_t* Ub = U + b * m * d;
-  const scalar_t* Vb = V + b * m * d;
+  const scalar_t* Ub = U + b * sB;
+  const scalar_t* Vb = V + b * sB;
   const scalar_t* dzb = dz + b * d;
   const scalar_t* dFb = dF + b * d;
   const scalar_t* Fb = F + b * d;
@@ -63,8 +64,8 @@ broyden_step_kernel(scalar_t* __restrict__ U, scalar_t* __restrict__ V,
     for (int i = 0; i < n_valid; ++i) {
       acc_t a = 0, bb = 0, c = 0;
       for (int64_t j = rank; j < d; j += GROUP) {
-        const acc_t v = Vb[i * d + j];
-        a += acc_t(dzb[j]) * acc_t(Ub[i * d + j]);
+        const acc_t v = Vb[i * sM + j * sD];
+        a += acc_t(dzb[j]) * acc_t(Ub[i * sM + j * sD]);
         bb += v * acc_t(dFb[j]);
         c += v * acc_t(Fb[j]);
       }
@@ -108,21 +109,21 @@ broyden_step_kernel(scalar_t* __restrict__ U, scalar_t* __restrict__ V,
   const acc_t* dots = partial;
   const auto k = broyden_coefficients<acc_t>(dots, n_valid);
 
-  scalar_t* u_slot = U + b * m * d + int64_t(slot) * d;
-  scalar_t* v_slot = V + b * m * d + int64_t(slot) * d;
+  scalar_t* u_slot = U + b * sB + int64_t(slot) * sM;
+  scalar_t* v_slot = V + b * sB + int64_t(slot) * sM;
   for (int64_t j = rank; j < d; j += GROUP) {
     acc_t sum_u_b = 0, sum_v_a = 0, sum_u_c = 0;
     for (int i = 0; i < n_valid; ++i) {
-      const acc_t u = Ub[i * d + j];
+      const acc_t u = Ub[i * sM + j * sD];
       sum_u_b += u * dots[n_valid + i];
-      sum_v_a += acc_t(Vb[i * d + j]) * dots[i];
+      sum_v_a += acc_t(Vb[i * sM + j * sD]) * dots[i];
       if (i != slot) sum_u_c += u * dots[2 * n_valid + i];  // the overwritten slot drops out
     }
     acc_t u_new, v_new, s;
     broyden_element<acc_t>(dzb[j], dFb[j], Fb[j], sum_u_b, sum_v_a, sum_u_c, k, &u_new, &v_new, &s);
     // Element j of the slot row is read above by this thread only, so writing it is safe.
-    u_slot[j] = scalar_t(u_new);
-    v_slot[j] = scalar_t(v_new);
+    u_slot[j * sD] = scalar_t(u_new);
+    v_slot[j * sD] = scalar_t(v_new);
     step[b * d + j] = scalar_t(s);
   }
 }
@@ -144,7 +145,7 @@ void launch(at::Tensor& U, at::Tensor& V, const at::Tensor& dz, const at::Tensor
       <<<unsigned(blocks), kBlockThreads, smem, at::cuda::getCurrentCUDAStream()>>>(
           U.data_ptr<scalar_t>(), V.data_ptr<scalar_t>(), dz.data_ptr<scalar_t>(),
           dF.data_ptr<scalar_t>(), F.data_ptr<scalar_t>(), active.data_ptr<bool>(),
-          step.data_ptr<scalar_t>(), B, m, d, n_valid, slot);
+          step.data_ptr<scalar_t>(), B, m, d, n_valid, slot, U.stride(0), U.stride(1), U.stride(2));
   C10_CUDA_KERNEL_LAUNCH_CHECK();
 }
 

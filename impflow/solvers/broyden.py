@@ -7,9 +7,25 @@ from impflow.ops.reference import broyden_step_reference
 from impflow.ops.track import ACTIVE, BLOWUP, FALLBACK
 from impflow.solvers._common import FlatFunction, Tracker, check_common_args, check_history
 
-__all__ = ["broyden"]
+__all__ = ["broyden", "broyden_history"]
 
 _STEPS = {"fused": broyden_step, "reference": broyden_step_reference}
+
+
+def broyden_history(B, n, m, dtype, device, impl="fused"):
+    """Empty histories ``U, V`` of shape (B, m, n) in the layout the step prefers.
+
+    The fused CPU kernel is fastest with the batch as the fastest dimension when samples are
+    tiny (n <= 4: a (B, m, n) view of an (m, n, B) tensor), and with contiguous samples
+    otherwise. The fused op reads only the slots it has written, so no zero fill is needed;
+    the reference path starts from zeros, as the original code.
+    """
+    if impl == "reference":
+        U = torch.zeros(B, m, n, dtype=dtype, device=device)
+        return U, torch.zeros_like(U)
+    if torch.device(device).type == "cpu" and n <= 4:
+        return tuple(torch.empty(m, n, B, dtype=dtype, device=device).permute(2, 0, 1) for _ in "UV")
+    return tuple(torch.empty(B, m, n, dtype=dtype, device=device) for _ in "UV")
 
 
 @torch.no_grad()
@@ -64,9 +80,7 @@ def broyden(
     z = z0.detach().reshape(z0.shape[0], -1).clone()
     F = f(z)
     track = Tracker(z, F, tol=tol, stop_mode=stop_mode, divergence_ratio=divergence_ratio, impl=impl)
-    B, n = z.shape
-    U = torch.zeros(B, history, n, dtype=z.dtype, device=z.device)
-    V = torch.zeros_like(U)
+    U, V = broyden_history(*z.shape, history, z.dtype, z.device, impl)
     step = torch.where(track.flagged(ACTIVE)[:, None], F, 0.0)  # H = -I: a fixed-point step
     n_updates = 0
     while track.n_active and n_updates < max_iter:

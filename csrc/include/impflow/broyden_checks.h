@@ -6,6 +6,14 @@
 
 namespace impflow {
 
+// A (B, m, d) history stored as a contiguous (m, d, B) tensor: the batch is the fastest
+// dimension, so a kernel can put samples side by side in vector lanes (used for small d).
+inline bool is_batch_minor(const at::Tensor& t) {
+  if (t.dim() != 3) return false;
+  const int64_t B = t.size(0), d = t.size(2);
+  return t.stride(0) == 1 && t.stride(2) == B && t.stride(1) == B * d;
+}
+
 inline void check_broyden_step_args(const at::Tensor& U, const at::Tensor& V, const at::Tensor& dz,
                                     const at::Tensor& dF, const at::Tensor& F,
                                     const at::Tensor& active, int64_t slot, int64_t n_valid) {
@@ -33,8 +41,10 @@ inline void check_broyden_step_args(const at::Tensor& U, const at::Tensor& V, co
                 U.device(), "), got one on ", t->device());
   }
   // U and V are written in place, so a hidden copy would silently lose the update.
-  TORCH_CHECK(U.is_contiguous() && V.is_contiguous(),
-              "broyden_step: U and V are updated in place and must be contiguous");
+  TORCH_CHECK(U.strides() == V.strides() && (U.is_contiguous() || is_batch_minor(U)),
+              "broyden_step: U and V are updated in place and must both be contiguous or both "
+              "batch-minor (a (B, m, d) view of a contiguous (m, d, B) tensor), got strides ",
+              U.strides(), " and ", V.strides());
   TORCH_CHECK(n_valid >= 0 && n_valid <= m, "broyden_step: n_valid must be in [0, m] = [0, ", m,
               "], got ", n_valid);
   TORCH_CHECK(slot >= 0 && slot < m, "broyden_step: slot must be in [0, m) = [0, ", m, "), got ",
