@@ -1,0 +1,121 @@
+"""The fused solver bookkeeping op against its pure-PyTorch reference, opcheck, and checks."""
+
+import math
+
+import pytest
+import torch
+
+from impflow.ops import solver_track
+from impflow.ops.reference import solver_track_reference
+from impflow.ops.track import ACTIVE, BLOWUP, CONVERGED, FALLBACK, NONFINITE
+from testing import DEVICES, DTYPES, noncontiguous
+
+SETTINGS = dict(tol=1e-3, floor_scale=1e-7, divergence_ratio=10.0)
+
+
+def make_state(B, n, dtype, device, seed):
+    """Iterates whose residuals straddle tol, improve or not, blow up, or are NaN/Inf; some
+    samples inactive, some in fallback."""
+    gen = torch.Generator().manual_seed(seed)
+    z = torch.randn(B, n, generator=gen, dtype=torch.float64)
+    scale = 10.0 ** torch.randint(-6, 2, (B, 1), generator=gen)  # residual norms ~1e-6 .. 10
+    F = scale * torch.randn(B, n, generator=gen, dtype=torch.float64) / n**0.5
+    F[B // 3] = math.nan if B > 2 else F[B // 3]
+    if B > 4:
+        F[B // 4, 0] = math.inf
+    best = torch.empty(B, 3, dtype=torch.float64)
+    best[:, 0] = 10.0 ** torch.randint(-5, 1, (B,), generator=gen)  # best measure so far
+    best[:, 1] = best[:, 0]
+    best[:, 2] = 0.1 * 10.0 ** torch.randint(-1, 2, (B,), generator=gen)  # first residual
+    status = torch.full((B,), ACTIVE, dtype=torch.uint8)
+    status[torch.rand(B, generator=gen) < 0.2] = CONVERGED  # done: left alone
+    status[torch.rand(B, generator=gen) < 0.2] |= FALLBACK
+    status[torch.rand(B, generator=gen) < 0.1] |= BLOWUP  # a stale flag must be cleared
+    nstep = torch.randint(0, 5, (B,), generator=gen)
+    best_z = torch.randn(B, n, generator=gen, dtype=torch.float64)
+    best_F = torch.randn(B, n, generator=gen, dtype=torch.float64)
+    tensors = [z, F, best_z, best_F]
+    return [t.to(device, dtype) for t in tensors] + [t.to(device) for t in (best, status, nstep)]
+
+
+def run(op, state, relative):
+    state = [t.clone() for t in state]
+    counts, mask = op(*state, SETTINGS["tol"], SETTINGS["floor_scale"], SETTINGS["divergence_ratio"], relative)
+    return [counts, mask] + state[2:]
+
+
+@pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("relative", [False, True])
+@pytest.mark.parametrize("B,n", [(1, 1), (1, 5), (7, 1), (7, 2), (33, 3), (256, 64), (9, 3072)])
+def test_matches_reference(B, n, relative, dtype, device):
+    state = make_state(B, n, dtype, device, seed=B * 31 + n)
+    out = run(solver_track, state, relative)
+    ref = run(solver_track_reference, [t.cpu() for t in state], relative)
+    names = ["counts", "mask", "best_z", "best_F", "best", "status", "nstep"]
+    for name, o, r in zip(names, out, ref):
+        assert o.dtype == r.dtype and o.shape == r.shape, name
+        if name == "best":  # norms summed in another order
+            torch.testing.assert_close(o.cpu(), r, rtol=1e-12, atol=0, equal_nan=True, msg=name)
+        else:
+            assert torch.equal(o.cpu(), r), f"{name} differs"
+
+
+@pytest.mark.parametrize("device", DEVICES)
+def test_decisions(device):
+    """Hand-made samples, one per case, checked bit by bit."""
+    z = torch.ones(6, 4, dtype=torch.float64, device=device)
+    F = torch.tensor([1e-6, 0.5, 50.0, math.nan, 0.5, 0.2], dtype=torch.float64, device=device)
+    F = F[:, None].expand(6, 4) / 2  # ||F|| = the listed value
+    best = torch.tensor([[1.0, 1.0, 1.0]] * 6, dtype=torch.float64, device=device)
+    best[5, 0] = 0.01  # sample 5 does not improve on its best
+    status = torch.tensor([ACTIVE] * 4 + [0, ACTIVE | FALLBACK], dtype=torch.uint8, device=device)
+    nstep = torch.zeros(6, dtype=torch.long, device=device)
+    best_z, best_F = torch.zeros_like(z), torch.zeros_like(z)
+    counts, mask = solver_track(z, F, best_z, best_F, best, status, nstep, 1e-3, 1e-12, 10.0, False)
+    expected_status = [CONVERGED, ACTIVE, ACTIVE | BLOWUP, ACTIVE | NONFINITE | BLOWUP, 0, ACTIVE | FALLBACK]
+    assert status.tolist() == expected_status
+    assert nstep.tolist() == [1, 1, 1, 1, 0, 1]
+    assert counts.tolist() == [4, 2]
+    assert mask.tolist() == [False, True, True, True, False, False]
+    improved = [True, True, False, False, False, False]  # 50 > best 1; NaN; inactive; 0.2 > 0.01
+    for b, yes in enumerate(improved):
+        assert torch.equal(best_z[b], z[b] if yes else torch.zeros_like(z[b])), b
+    assert best[:2, 1].tolist() == pytest.approx([1e-6, 0.5])
+
+
+@pytest.mark.parametrize("device", DEVICES)
+def test_noncontiguous_iterates(device):
+    state = make_state(8, 6, torch.float32, device, seed=3)
+    state[0], state[1] = noncontiguous(state[0]), noncontiguous(state[1])
+    out = run(solver_track, state, False)
+    ref = run(solver_track_reference, [t.cpu() for t in state], False)
+    for o, r in zip(out, ref):
+        torch.testing.assert_close(o.cpu(), r, rtol=1e-12, atol=0, equal_nan=True)
+
+
+@pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("dtype", DTYPES)
+def test_opcheck(dtype, device):
+    state = make_state(5, 3, dtype, device, seed=1)
+    torch.library.opcheck(
+        torch.ops.impflow.solver_track.default, tuple(state) + (1e-3, 1e-7, 10.0, False)
+    )
+
+
+BAD = [
+    ("best must be a float64", lambda s: s.__setitem__(4, s[4].float())),
+    ("status must be a uint8", lambda s: s.__setitem__(5, s[5].bool())),
+    ("nstep must be an int64", lambda s: s.__setitem__(6, s[6].int())),
+    ("must have z's shape", lambda s: s.__setitem__(1, s[1][:, :-1])),
+    ("must be contiguous", lambda s: s.__setitem__(2, noncontiguous(s[2]))),
+    ("z must have shape", lambda s: s.__setitem__(0, s[0][0])),
+]
+
+
+@pytest.mark.parametrize("message,spoil", BAD, ids=[b[0] for b in BAD])
+def test_bad_arguments(message, spoil):
+    state = make_state(4, 3, torch.float32, "cpu", seed=2)
+    spoil(state)
+    with pytest.raises(RuntimeError, match=message):
+        solver_track(*state, 1e-3, 1e-7, 10.0, False)
