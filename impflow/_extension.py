@@ -2,7 +2,7 @@
 
 import torch
 
-_BUILD_HINT = "build it with `pip install --no-build-isolation -e .` in the impflow checkout"
+_BUILD_HINT = "run `pip install --no-build-isolation -e .` in the impflow checkout"
 
 
 def _load():
@@ -13,19 +13,23 @@ def _load():
         if "undefined symbol" in text or "cannot open shared object" in text:
             raise ImportError(
                 f"impflow's compiled extension does not fit the installed torch {torch.__version__} "
-                f"(it was probably built against another torch or CUDA); rebuild it: {_BUILD_HINT}. "
+                f"(it was probably built against another torch or CUDA); to rebuild it, {_BUILD_HINT}. "
                 f"Loader said: {text}"
             ) from error
         raise ImportError(
-            f"impflow's compiled extension impflow._C is missing; {_BUILD_HINT}. ({text})"
+            f"impflow's compiled extension impflow._C is missing; to build it, {_BUILD_HINT} ({text})"
         ) from error
-    built = _C.torch_version
-    if built.split("+")[0] != torch.__version__.split("+")[0]:
-        raise ImportError(
-            f"impflow._C was built against torch {built} but torch {torch.__version__} is "
-            f"running; rebuild it: {_BUILD_HINT}"
-        )
+    check_build(_C.torch_version, torch.__version__)
     return _C
+
+
+def check_build(built: str, running: str) -> None:
+    """Raises ImportError when the extension was built against another torch release."""
+    if built.split("+")[0] != running.split("+")[0]:
+        raise ImportError(
+            f"impflow._C was built against torch {built} but torch {running} is running; to rebuild it, "
+            f"{_BUILD_HINT}"
+        )
 
 
 _C = _load()
@@ -41,5 +45,5 @@ def check_device(tensor: torch.Tensor, op: str) -> None:
     if tensor.is_cuda and not has_cuda_kernels():
         raise RuntimeError(
             f"impflow.{op} got a CUDA tensor, but impflow was built without CUDA kernels; "
-            f"rebuild on a machine with nvcc (or set FORCE_CUDA=1): {_BUILD_HINT}"
+            f"to rebuild it with them, {_BUILD_HINT} on a machine with nvcc (or with FORCE_CUDA=1)"
         )

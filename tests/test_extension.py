@@ -1,0 +1,37 @@
+"""Loading the extension: the one-sentence errors of impflow/_extension.py."""
+
+import subprocess
+import sys
+import types
+
+import pytest
+import torch
+
+import impflow
+from impflow import _extension
+
+
+def test_extension_loaded_and_matches_torch():
+    assert _extension._C.torch_version.split("+")[0] == torch.__version__.split("+")[0]
+    assert isinstance(impflow.has_cuda_kernels(), bool)
+    assert hasattr(torch.ops.impflow, "broyden_step") and hasattr(torch.ops.impflow, "solver_track")
+
+
+def test_other_torch_release_is_refused():
+    with pytest.raises(ImportError, match=r"built against torch 2\.4\.0\+cu121 but torch 2\.5\.1 is running; to rebuild it"):
+        _extension.check_build("2.4.0+cu121", "2.5.1")
+    _extension.check_build("2.5.1+cu121", "2.5.1+cpu")  # same release, other build: fine
+
+
+def test_missing_extension_says_how_to_build():
+    code = "import sys; sys.modules['impflow._C'] = None; import impflow"
+    run = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True)
+    assert run.returncode != 0
+    assert "impflow._C is missing" in run.stderr and "pip install --no-build-isolation" in run.stderr
+
+
+def test_cuda_tensor_without_cuda_kernels(monkeypatch):
+    monkeypatch.setattr(_extension, "has_cuda_kernels", lambda: False)
+    fake_cuda = types.SimpleNamespace(is_cuda=True)
+    with pytest.raises(RuntimeError, match="built without CUDA kernels"):
+        _extension.check_device(fake_cuda, "ops.broyden_step")
