@@ -4,7 +4,8 @@ Switches (environment variables):
   FORCE_CUDA=1          build the CUDA kernels even where no GPU is visible (needs nvcc)
   FORCE_ONLY_CPU=1      build the CPU kernels only
   IMPFLOW_CUDA_ARCHS    semicolon-separated compute capabilities, e.g. "8.0;9.0"
-                        (default "7.5;8.0;9.0+PTX": T4, A100 and later Ampere, H100/H200, newer via PTX)
+                        (default "7.5;8.0;9.0+PTX": T4, A100 and later Ampere, H100/H200,
+                        and newer GPUs through PTX)
   MAX_JOBS              parallel compile jobs (honoured by torch's ninja build)
   IMPFLOW_DEBUG=1       -O0 -g, for debugging the kernels
 

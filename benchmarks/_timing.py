@@ -22,7 +22,9 @@ def median_seconds(fn, device, *, min_repeats=5, min_seconds=0.5, warmup=2, max_
     synchronize(device)
     times = []
     start = time.perf_counter()
-    while len(times) < max_repeats and (len(times) < min_repeats or time.perf_counter() - start < min_seconds):
+    while len(times) < max_repeats and (
+        len(times) < min_repeats or time.perf_counter() - start < min_seconds
+    ):
         t0 = time.perf_counter()
         fn()
         synchronize(device)
@@ -49,7 +51,9 @@ def machine_facts(device):
     }
     try:
         with open("/proc/cpuinfo") as info:
-            names = [line.split(":", 1)[1].strip() for line in info if line.startswith("model name")]
+            names = [
+                line.split(":", 1)[1].strip() for line in info if line.startswith("model name")
+            ]
         if names:
             facts["cpu"] = names[0]
     except OSError:

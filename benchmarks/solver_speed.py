@@ -81,8 +81,11 @@ def bench_config(B, d, m, device, dtype, min_seconds):
     fn = coupled_contraction(B, d, dtype, device)
     z0 = torch.zeros(B, d, dtype=dtype, device=device)
     for name in ("fused", "reference"):
+
         def solve():
-            return broyden(fn, z0, max_iter=SOLVE_ITERATIONS, tol=1e-6, history=m, impl=name, warn=False)
+            return broyden(
+                fn, z0, max_iter=SOLVE_ITERATIONS, tol=1e-6, history=m, impl=name, warn=False
+            )
 
         seconds, n = median_seconds(solve, device, min_seconds=min_seconds, min_repeats=3)
         _, stats = solve()
@@ -103,8 +106,9 @@ def print_table(rows, bandwidths):
     for r in rows:
         share = 100 * r["step_fused_GBps"] / bandwidths[r["device"]]
         print(
-            f"{r['device']:6} {r['B']:>5} {r['d']:>5} {r['m']:>3} | {r['step_fused_ms']:>13.3f} "
-            f"{r['step_reference_ms']:>9.3f} {r['step_speedup']:>6.1f} {r['step_fused_GBps']:>7.2f} "
+            f"{r['device']:6} {r['B']:>5} {r['d']:>5} {r['m']:>3} | "
+            f"{r['step_fused_ms']:>13.3f} {r['step_reference_ms']:>9.3f} "
+            f"{r['step_speedup']:>6.1f} {r['step_fused_GBps']:>7.2f} "
             f"{share:>6.1f} | {r['solve_fused_ms']:>14.2f} {r['solve_reference_ms']:>9.2f} "
             f"{r['solve_speedup']:>6.1f} {r['solve_fused_mean_steps']:>5.1f}"
         )
@@ -114,11 +118,17 @@ def print_table(rows, bandwidths):
 
 def main(argv=None):
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    parser.add_argument("--device", choices=["all", "cpu", "cuda"], default="all",
-                        help="'all': CPU, plus CUDA when a GPU and CUDA kernels are present")
+    parser.add_argument(
+        "--device",
+        choices=["all", "cpu", "cuda"],
+        default="all",
+        help="'all': CPU, plus CUDA when a GPU and CUDA kernels are present",
+    )
     parser.add_argument("--dtype", choices=["float32", "float64"], default="float32")
     parser.add_argument("--quick", action="store_true", help="small sizes (a smoke run)")
-    parser.add_argument("--min-seconds", type=float, default=1.0, help="timing budget per measurement")
+    parser.add_argument(
+        "--min-seconds", type=float, default=1.0, help="timing budget per measurement"
+    )
     parser.add_argument("--out", default="results/solver_speed.json", help="JSON output path")
     args = parser.parse_args(argv)
 
@@ -139,8 +149,15 @@ def main(argv=None):
             rows.append(bench_config(B, d, m, device, dtype, args.min_seconds))
             print(f"  done {device} B={B} d={d} m={m}", file=sys.stderr, flush=True)
     print_table(rows, bandwidths)
-    write_json(args.out, {"benchmark": "solver_speed", "machine": facts,
-                          "copy_bandwidth_GBps": bandwidths, "rows": rows})
+    write_json(
+        args.out,
+        {
+            "benchmark": "solver_speed",
+            "machine": facts,
+            "copy_bandwidth_GBps": bandwidths,
+            "rows": rows,
+        },
+    )
     print(f"wrote {args.out}")
 
 

@@ -12,12 +12,13 @@ def _load():
         text = str(error)
         if "undefined symbol" in text or "cannot open shared object" in text:
             raise ImportError(
-                f"impflow's compiled extension does not fit the installed torch {torch.__version__} "
-                f"(it was probably built against another torch or CUDA); to rebuild it, {_BUILD_HINT}. "
-                f"Loader said: {text}"
+                f"impflow's compiled extension does not fit the installed torch "
+                f"{torch.__version__} (it was probably built against another torch or CUDA); "
+                f"to rebuild it, {_BUILD_HINT}. Loader said: {text}"
             ) from error
         raise ImportError(
-            f"impflow's compiled extension impflow._C is missing; to build it, {_BUILD_HINT} ({text})"
+            f"impflow's compiled extension impflow._C is missing; to build it, {_BUILD_HINT} "
+            f"({text})"
         ) from error
     check_build(_C.torch_version, torch.__version__)
     return _C
@@ -27,8 +28,8 @@ def check_build(built: str, running: str) -> None:
     """Raises ImportError when the extension was built against another torch release."""
     if built.split("+")[0] != running.split("+")[0]:
         raise ImportError(
-            f"impflow._C was built against torch {built} but torch {running} is running; to rebuild it, "
-            f"{_BUILD_HINT}"
+            f"impflow._C was built against torch {built} but torch {running} is running; "
+            f"to rebuild it, {_BUILD_HINT}"
         )
 
 

@@ -87,12 +87,23 @@ def test_matches_reference(B, m, d, dtype, device):
 
 @pytest.mark.parametrize("device", DEVICES)
 @pytest.mark.parametrize("dtype", DTYPES)
-@pytest.mark.parametrize("B,m,d", [(B, m, d) for B in (1, 7, 256) for d in (1, 2, 3, 64) for m in (1, 5, 30)])
+@pytest.mark.parametrize(
+    "B,m,d", [(B, m, d) for B in (1, 7, 256) for d in (1, 2, 3, 64) for m in (1, 5, 30)]
+)
 def test_batch_minor_layout_matches_reference(B, m, d, dtype, device):
     """Histories stored as (m, d, B) (the solver's layout for small d on CPU)."""
     for n_valid, slot in {(0, 0), (m - 1, m - 1), (m, m // 2)}:
-        state = make_state(B, m, d, n_valid, dtype, device, seed=B + m + d, layout="batch_minor",
-                           active_fraction=0.7)
+        state = make_state(
+            B,
+            m,
+            d,
+            n_valid,
+            dtype,
+            device,
+            seed=B + m + d,
+            layout="batch_minor",
+            active_fraction=0.7,
+        )
         same = reference_on_copies(*state, slot, n_valid, dtype)
         out, ref = run_both(*state, slot, n_valid)
         assert_close_to_reference(out, ref, same, f"(n_valid={n_valid}, slot={slot})")
@@ -104,8 +115,9 @@ def test_batch_minor_layout_matches_reference(B, m, d, dtype, device):
 @pytest.mark.parametrize("layout", ["contiguous", "batch_minor"])
 def test_partially_active_mask(layout, dtype, device):
     B, m, d, n_valid, slot = 33, 5, 17, 5, 2
-    U, V, dz, dF, F, active = make_state(B, m, d, n_valid, dtype, device, seed=3, active_fraction=0.5,
-                                         layout=layout)
+    U, V, dz, dF, F, active = make_state(
+        B, m, d, n_valid, dtype, device, seed=3, active_fraction=0.5, layout=layout
+    )
     assert 0 < int(active.sum()) < B
     U0, V0 = U.clone(), V.clone()
     same = reference_on_copies(U, V, dz, dF, F, active, slot, n_valid, dtype)
@@ -174,7 +186,10 @@ BAD_ARGS = [
     ("dz, dF and F must have shape", lambda s: s.update(F=s["F"][:, :-1])),
     ("active must be a bool tensor", lambda s: s.update(active=s["active"].float())),
     ("dtype of U", lambda s: s.update(dF=s["dF"].double())),
-    ("float32 or float64", lambda s: s.update(**{k: s[k].half() for k in ("U", "V", "dz", "dF", "F")})),
+    (
+        "float32 or float64",
+        lambda s: s.update(**{k: s[k].half() for k in ("U", "V", "dz", "dF", "F")}),
+    ),
     ("must both be contiguous", lambda s: s.update(U=noncontiguous(s["U"]))),
     ("must both be contiguous", lambda s: s.update(U=batch_minor(s["U"]))),  # V stays contiguous
     ("slot must be in", lambda s: s.update(slot=4)),

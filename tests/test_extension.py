@@ -18,7 +18,10 @@ def test_extension_loaded_and_matches_torch():
 
 
 def test_other_torch_release_is_refused():
-    with pytest.raises(ImportError, match=r"built against torch 2\.4\.0\+cu121 but torch 2\.5\.1 is running; to rebuild it"):
+    with pytest.raises(
+        ImportError,
+        match=r"built against torch 2\.4\.0\+cu121 but torch 2\.5\.1 is running; to rebuild it",
+    ):
         _extension.check_build("2.4.0+cu121", "2.5.1")
     _extension.check_build("2.5.1+cu121", "2.5.1+cpu")  # same release, other build: fine
 
@@ -27,7 +30,9 @@ def test_missing_extension_says_how_to_build():
     code = "import sys; sys.modules['impflow._C'] = None; import impflow"
     run = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True)
     assert run.returncode != 0
-    assert "impflow._C is missing" in run.stderr and "pip install --no-build-isolation" in run.stderr
+    assert (
+        "impflow._C is missing" in run.stderr and "pip install --no-build-isolation" in run.stderr
+    )
 
 
 def test_cuda_tensor_without_cuda_kernels(monkeypatch):

@@ -66,7 +66,9 @@ def test_empty_sample_and_scalar_z0(method):
         run(method, z0=torch.tensor(1.0, dtype=torch.float64))
 
 
-@pytest.mark.parametrize("dtype", [torch.int64, torch.int32, torch.bool, torch.float16, torch.bfloat16, torch.complex64])
+@pytest.mark.parametrize(
+    "dtype", [torch.int64, torch.int32, torch.bool, torch.float16, torch.bfloat16, torch.complex64]
+)
 @pytest.mark.parametrize("method", ALL)
 def test_z0_wrong_dtype(method, dtype):
     with pytest.raises(TypeError, match="z0 must be float32 or float64"):
@@ -107,7 +109,9 @@ def test_fn_returns_wrong_shape(method, reshape):
 
 @pytest.mark.parametrize("method", ALL)
 def test_fn_returns_wrong_dtype(method):
-    with pytest.raises(TypeError, match="fn must return z0's dtype torch.float64, got torch.float32"):
+    with pytest.raises(
+        TypeError, match="fn must return z0's dtype torch.float64, got torch.float32"
+    ):
         run(method, fn=lambda z: contraction(z).float())
 
 
@@ -342,7 +346,9 @@ def test_warn_false_suppresses_warning(method):
     with warnings.catch_warnings():
         warnings.simplefilter("error")
         z, stats = run(method, fn=no_root, z0=z0, max_iter=50, tol=1e-10, warn=False)
-        z, stats2 = run(method, fn=NaNAfter(bad=[0], after=3), z0=z0, max_iter=50, tol=1e-10, warn=False)
+        z, stats2 = run(
+            method, fn=NaNAfter(bad=[0], after=3), z0=z0, max_iter=50, tol=1e-10, warn=False
+        )
     assert not stats.converged[1] and stats.converged[0]
     assert stats2.nonfinite.tolist() == [True, False, False]
     # Same call with warnings on does warn (so the check above is not vacuous).
@@ -353,7 +359,9 @@ def test_warn_false_suppresses_warning(method):
 @pytest.mark.parametrize("method", ALL)
 def test_max_iter_exhausted_warns_with_worst_residual(method):
     z0 = z0_like()
-    with pytest.warns(SolverWarning, match=r"did not reach tol=1e-14 \(abs\) in 2 iterations") as record:
+    with pytest.warns(
+        SolverWarning, match=r"did not reach tol=1e-14 \(abs\) in 2 iterations"
+    ) as record:
         z, stats = run(method, z0=z0, max_iter=2, tol=1e-14)
     assert not stats.converged.any()
     assert torch.equal(stats.nstep, torch.full((3,), 2))

@@ -40,7 +40,9 @@ def make_state(B, n, dtype, device, seed):
 
 def run(op, state, relative):
     state = [t.clone() for t in state]
-    counts, mask = op(*state, SETTINGS["tol"], SETTINGS["floor_scale"], SETTINGS["divergence_ratio"], relative)
+    counts, mask = op(
+        *state, SETTINGS["tol"], SETTINGS["floor_scale"], SETTINGS["divergence_ratio"], relative
+    )
     return [counts, mask] + state[2:]
 
 
@@ -73,7 +75,14 @@ def test_decisions(device):
     nstep = torch.zeros(6, dtype=torch.long, device=device)
     best_z, best_F = torch.zeros_like(z), torch.zeros_like(z)
     counts, mask = solver_track(z, F, best_z, best_F, best, status, nstep, 1e-3, 1e-12, 10.0, False)
-    expected_status = [CONVERGED, ACTIVE, ACTIVE | BLOWUP, ACTIVE | NONFINITE | BLOWUP, 0, ACTIVE | FALLBACK]
+    expected_status = [
+        CONVERGED,
+        ACTIVE,
+        ACTIVE | BLOWUP,
+        ACTIVE | NONFINITE | BLOWUP,
+        0,
+        ACTIVE | FALLBACK,
+    ]
     assert status.tolist() == expected_status
     assert nstep.tolist() == [1, 1, 1, 1, 0, 1]
     assert counts.tolist() == [4, 2]

@@ -82,7 +82,15 @@ def flat_norm(x):
 def check_stats(stats, B, method):
     assert isinstance(stats, SolverStats)
     assert stats.method == method
-    for name in ("nstep", "residual", "rel_residual", "converged", "diverged", "nonfinite", "tol_floor"):
+    for name in (
+        "nstep",
+        "residual",
+        "rel_residual",
+        "converged",
+        "diverged",
+        "nonfinite",
+        "tol_floor",
+    ):
         assert getattr(stats, name).shape == (B,), name
     assert stats.nstep.dtype == torch.long
     assert stats.converged.dtype == torch.bool
@@ -106,7 +114,9 @@ SHAPES = [(1,), (2,), (3,), (64,), (3, 4, 5)]
 @pytest.mark.parametrize("method", sorted(METHODS))
 def test_solves_contraction_to_known_root(method, L, kind, shape, B):
     tol = 1e-9
-    fn, z_star, _ = contraction_problem(B, shape, L, kind=kind, seed=zlib.crc32(repr((L, kind, shape, B)).encode()))
+    fn, z_star, _ = contraction_problem(
+        B, shape, L, kind=kind, seed=zlib.crc32(repr((L, kind, shape, B)).encode())
+    )
     z0 = torch.zeros(B, *shape, dtype=torch.float64)
     max_iter = 10000 if method == "fixed_point" else 1000
     with warnings.catch_warnings():
@@ -122,7 +132,9 @@ def test_solves_contraction_to_known_root(method, L, kind, shape, B):
     # The reported residual is that of the returned iterate.
     res = flat_norm(fn(z))
     torch.testing.assert_close(stats.residual, res, rtol=1e-9, atol=1e-15)
-    torch.testing.assert_close(stats.rel_residual, res / (flat_norm(z) + 1e-12), rtol=1e-9, atol=1e-15)
+    torch.testing.assert_close(
+        stats.rel_residual, res / (flat_norm(z) + 1e-12), rtol=1e-9, atol=1e-15
+    )
     # ||z - z*|| <= ||fn(z)|| / (1 - L) for a contraction g (plus rounding of fn itself).
     err = flat_norm(z - z_star)
     assert bool((err <= res / (1 - L) + 1e-11).all()), (err, res)
@@ -302,7 +314,9 @@ def test_converged_samples_stop_changing(method):
         # After its last step, the sample's iterate stays exactly where it converged, and that
         # is the iterate returned.
         frozen = inputs[k:, b]
-        assert torch.equal(frozen, frozen[:1].expand_as(frozen)), f"sample {b} moved after converging"
+        assert torch.equal(frozen, frozen[:1].expand_as(frozen)), (
+            f"sample {b} moved after converging"
+        )
         assert torch.equal(z[b], inputs[k, b])
 
 
@@ -337,7 +351,9 @@ def test_broyden_returns_best_not_last_iterate():
     B, shape = 8, (12,)
     fn, _, _ = contraction_problem(B, shape, 0.99, kind="orthogonal_linear", seed=41)
     rec = Recorder(fn)
-    z, stats = broyden(rec, torch.zeros(B, *shape, dtype=torch.float64), max_iter=12, tol=1e-12, warn=False)
+    z, stats = broyden(
+        rec, torch.zeros(B, *shape, dtype=torch.float64), max_iter=12, tol=1e-12, warn=False
+    )
     outputs = torch.stack(rec.outputs)
     res = torch.linalg.vector_norm(outputs.reshape(outputs.shape[0], B, -1), dim=2)
     not_last = res.argmin(0) != res.shape[0] - 1
@@ -359,7 +375,9 @@ def test_broyden_ring_buffer_history_two(monkeypatch):
     monkeypatch.setitem(BROYDEN_MODULE._STEPS, "fused", spy)
     B, d = 3, 16
     fn, z_star, _ = contraction_problem(B, (d,), 0.9, seed=51)
-    z, stats = broyden(fn, torch.zeros(B, d, dtype=torch.float64), max_iter=100, tol=1e-9, history=2)
+    z, stats = broyden(
+        fn, torch.zeros(B, d, dtype=torch.float64), max_iter=100, tol=1e-9, history=2
+    )
     assert stats.all_converged, stats.summary()
     torch.testing.assert_close(z, z_star, atol=1e-7, rtol=0)
     assert len(calls) > 4  # the ring wrapped several times
@@ -374,7 +392,9 @@ def test_history_one_and_two_converge(method):
     B, d = 3, 16
     fn, z_star, _ = contraction_problem(B, (d,), 0.5, seed=52)
     for history in (1, 2):
-        z, stats = METHODS[method](fn, torch.zeros(B, d, dtype=torch.float64), max_iter=100, tol=1e-9, history=history)
+        z, stats = METHODS[method](
+            fn, torch.zeros(B, d, dtype=torch.float64), max_iter=100, tol=1e-9, history=history
+        )
         assert stats.all_converged, (history, stats.summary())
         torch.testing.assert_close(z, z_star, atol=1e-8, rtol=0)
 
@@ -398,7 +418,12 @@ def test_registry_solve_runs_named_method():
 
 @pytest.mark.parametrize(
     "method, option",
-    [("anderson", "damping"), ("fixed_point", "history"), ("broyden", "mixing"), ("broyden", "tolerance")],
+    [
+        ("anderson", "damping"),
+        ("fixed_point", "history"),
+        ("broyden", "mixing"),
+        ("broyden", "tolerance"),
+    ],
 )
 def test_registry_unknown_option_is_type_error(method, option):
     fn, _, _ = contraction_problem(2, (3,), 0.5)
@@ -432,7 +457,9 @@ def test_stop_mode_rel(method):
     assert bool((res > 10 * tol).all()), res
     z_abs, s_abs = METHODS[method](fn, z0, max_iter=2000, tol=tol, stop_mode="abs")
     assert s_abs.all_converged
-    assert bool((s_abs.nstep >= stats.nstep).all()) and int(s_abs.nstep.sum()) > int(stats.nstep.sum())
+    assert bool((s_abs.nstep >= stats.nstep).all()) and int(s_abs.nstep.sum()) > int(
+        stats.nstep.sum()
+    )
     assert bool((s_abs.residual <= tol).all())
 
 

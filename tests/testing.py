@@ -32,4 +32,6 @@ def rel_error(out: torch.Tensor, ref: torch.Tensor) -> float:
 
 def noncontiguous(t: torch.Tensor) -> torch.Tensor:
     """The same values as ``t`` in a tensor with other strides (a transposed copy)."""
-    return t.t().contiguous().t() if t.dim() == 2 else t.transpose(0, -1).contiguous().transpose(0, -1)
+    return (
+        t.t().contiguous().t() if t.dim() == 2 else t.transpose(0, -1).contiguous().transpose(0, -1)
+    )

@@ -54,7 +54,11 @@ def broyden_step_reference(
     denom = (v_new * dF).sum(-1, keepdim=True)
     u_new = (dz - broyden_matvec(old_U, old_V, dF)) / denom
     tiny = torch.finfo(denom.dtype).tiny
-    valid = torch.isfinite(denom) & (denom.abs() > tiny) & torch.isfinite((v_new * F).sum(-1, keepdim=True))
+    valid = (
+        torch.isfinite(denom)
+        & (denom.abs() > tiny)
+        & torch.isfinite((v_new * F).sum(-1, keepdim=True))
+    )
     keep = active[:, None]
     U[:, slot] = torch.where(keep, torch.where(valid, u_new, 0.0), U[:, slot])
     V[:, slot] = torch.where(keep, torch.where(valid, v_new, 0.0), V[:, slot])

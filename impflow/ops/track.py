@@ -10,7 +10,9 @@ __all__ = ["solver_track", "ACTIVE", "CONVERGED", "NONFINITE", "DIVERGED", "FALL
 ACTIVE, CONVERGED, NONFINITE, DIVERGED, FALLBACK, BLOWUP = 1, 2, 4, 8, 16, 32
 
 
-def solver_track(z, F, best_z, best_F, best, status, nstep, tol, floor_scale, divergence_ratio, relative):
+def solver_track(
+    z, F, best_z, best_F, best, status, nstep, tol, floor_scale, divergence_ratio, relative
+):
     """Fused bookkeeping of one solver iteration; same contract as
     :func:`impflow.ops.reference.solver_track_reference`. Reads z and F once per active sample."""
     check_device(z, "ops.solver_track")
@@ -20,7 +22,9 @@ def solver_track(z, F, best_z, best_F, best, status, nstep, tol, floor_scale, di
 
 
 @torch.library.register_fake("impflow::solver_track")
-def _solver_track_fake(z, F, best_z, best_F, best, status, nstep, tol, floor_scale, divergence_ratio, relative):
+def _solver_track_fake(
+    z, F, best_z, best_F, best, status, nstep, tol, floor_scale, divergence_ratio, relative
+):
     torch._check(z.dim() == 2, lambda: "z must be (B, n)")
     counts = z.new_empty((2,), dtype=torch.long)
     mask = z.new_empty((z.shape[0],), dtype=torch.bool)

@@ -27,7 +27,5 @@ def solve(fn, z0, method="broyden", **options):
     allowed = solver_options(method)
     unknown = sorted(set(options) - set(allowed))
     if unknown:
-        raise TypeError(
-            f"solver {method!r} got unknown option(s) {unknown}; it accepts {allowed}"
-        )
+        raise TypeError(f"solver {method!r} got unknown option(s) {unknown}; it accepts {allowed}")
     return SOLVERS[method](fn, z0, **options)

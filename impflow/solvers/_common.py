@@ -33,11 +33,20 @@ def check_common_args(z0, max_iter, tol, stop_mode, divergence_ratio):
         raise ValueError(f"z0 contains NaN or Inf (samples {bad[:8].tolist()})")
     if isinstance(max_iter, bool) or not isinstance(max_iter, numbers.Integral) or max_iter < 1:
         raise ValueError(f"max_iter must be an integer >= 1, got {max_iter!r}")
-    if isinstance(tol, bool) or not isinstance(tol, numbers.Real) or not math.isfinite(tol) or tol <= 0:
+    if (
+        isinstance(tol, bool)
+        or not isinstance(tol, numbers.Real)
+        or not math.isfinite(tol)
+        or tol <= 0
+    ):
         raise ValueError(f"tol must be a finite number > 0, got {tol!r}")
     if stop_mode not in ("abs", "rel"):
         raise ValueError(f"stop_mode must be 'abs' or 'rel', got {stop_mode!r}")
-    if isinstance(divergence_ratio, bool) or not isinstance(divergence_ratio, numbers.Real) or not divergence_ratio > 1:
+    if (
+        isinstance(divergence_ratio, bool)
+        or not isinstance(divergence_ratio, numbers.Real)
+        or not divergence_ratio > 1
+    ):
         raise ValueError(f"divergence_ratio must be a number > 1, got {divergence_ratio!r}")
 
 
@@ -75,7 +84,9 @@ class FlatFunction:
         if out.dtype != self.dtype:
             raise TypeError(f"fn must return z0's dtype {self.dtype}, got {out.dtype}")
         if out.device != self.device:
-            raise ValueError(f"fn must return a tensor on z0's device {self.device}, got {out.device}")
+            raise ValueError(
+                f"fn must return a tensor on z0's device {self.device}, got {out.device}"
+            )
         # A private copy: fn may hand back the same buffer on every call (an out= buffer, a
         # CUDA graph's static output) and overwrite it inside the next call, while the solver
         # still holds the previous F; only a copy taken now is safe.
@@ -113,8 +124,17 @@ class Tracker:
         ``(n_blowup, mask)``: how many samples have a non-finite or exploding residual, and
         which samples the accelerated update applies to (active, not in fallback)."""
         counts, mask = self._track(
-            z, F, self.best_z, self.best_F, self.best, self.status, self.nstep,
-            self.tol, self.floor_scale, self.divergence_ratio, self.stop_mode == "rel",
+            z,
+            F,
+            self.best_z,
+            self.best_F,
+            self.best,
+            self.status,
+            self.nstep,
+            self.tol,
+            self.floor_scale,
+            self.divergence_ratio,
+            self.stop_mode == "rel",
         )
         self.n_active, n_blowup = counts.tolist()  # the one host sync of an iteration
         return n_blowup, mask
@@ -134,6 +154,19 @@ class Tracker:
         """Marks ``mask`` diverged and iterated by fixed-point steps from now on."""
         self.status |= torch.where(mask, DIVERGED | FALLBACK, 0).to(torch.uint8)
         self.any_fallback = True
+
+    def restart_blown_up(self, z, F):
+        """After an update that reported blow-ups: samples of an accelerated method restart
+        from their best iterate in fixed-point mode (returned ``z``, ``F`` are reset for them);
+        samples already in that mode have nowhere left to go and stop."""
+        blowup = self.flagged(BLOWUP)
+        fallback = self.flagged(FALLBACK)
+        self.give_up(blowup & fallback)
+        fresh = blowup & ~fallback
+        self.start_fallback(fresh)
+        z = torch.where(fresh[:, None], self.best_z, z)
+        F = torch.where(fresh[:, None], self.best_F, F)
+        return z, F
 
     def finish(self, method, n_fn_evals, max_iter, shape, warn, on_divergence):
         """The best iterate in ``shape`` and the statistics; warns when some samples did not

@@ -2,7 +2,7 @@
 
 import torch
 
-from impflow.ops.track import ACTIVE, BLOWUP, FALLBACK
+from impflow.ops.track import ACTIVE, FALLBACK
 from impflow.solvers._common import (
     FlatFunction,
     Tracker,
@@ -59,7 +59,9 @@ def anderson(
     f = FlatFunction(fn, z0)
     z = z0.detach().reshape(z0.shape[0], -1).clone()
     F = f(z)
-    track = Tracker(z, F, tol=tol, stop_mode=stop_mode, divergence_ratio=divergence_ratio, impl=impl)
+    track = Tracker(
+        z, F, tol=tol, stop_mode=stop_mode, divergence_ratio=divergence_ratio, impl=impl
+    )
     B, n = z.shape
     Z = torch.zeros(B, history, n, dtype=z.dtype, device=z.device)  # iterates z_k
     R = torch.zeros_like(Z)  # their residuals fn(z_k)
@@ -77,17 +79,15 @@ def anderson(
         F_next = f(z_next)
         n_blowup, _ = track.update(z_next, F_next)
         if n_blowup:
-            blowup = track.flagged(BLOWUP)
-            fallback = track.flagged(FALLBACK)
-            track.give_up(blowup & fallback)
-            fresh = blowup & ~fallback
-            track.start_fallback(fresh)
-            z_next = torch.where(fresh[:, None], track.best_z, z_next)
-            F_next = torch.where(fresh[:, None], track.best_F, F_next)
+            z_next, F_next = track.restart_blown_up(z_next, F_next)
         active = track.flagged(ACTIVE)
         z, F = z_next, F_next
     return track.finish(
-        "anderson", f.calls, max_iter, z0.shape, warn,
+        "anderson",
+        f.calls,
+        max_iter,
+        z0.shape,
+        warn,
         on_divergence="restarted from the best iterate by fixed-point iteration",
     )
 

@@ -4,7 +4,7 @@ import torch
 
 from impflow.ops.broyden import broyden_step
 from impflow.ops.reference import broyden_step_reference
-from impflow.ops.track import ACTIVE, BLOWUP, FALLBACK
+from impflow.ops.track import ACTIVE, FALLBACK
 from impflow.solvers._common import FlatFunction, Tracker, check_common_args, check_history
 
 __all__ = ["broyden", "broyden_history"]
@@ -24,7 +24,9 @@ def broyden_history(B, n, m, dtype, device, impl="fused"):
         U = torch.zeros(B, m, n, dtype=dtype, device=device)
         return U, torch.zeros_like(U)
     if torch.device(device).type == "cpu" and n <= 4:
-        return tuple(torch.empty(m, n, B, dtype=dtype, device=device).permute(2, 0, 1) for _ in "UV")
+        return tuple(
+            torch.empty(m, n, B, dtype=dtype, device=device).permute(2, 0, 1) for _ in "UV"
+        )
     return tuple(torch.empty(B, m, n, dtype=dtype, device=device) for _ in "UV")
 
 
@@ -79,7 +81,9 @@ def broyden(
     f = FlatFunction(fn, z0)
     z = z0.detach().reshape(z0.shape[0], -1).clone()
     F = f(z)
-    track = Tracker(z, F, tol=tol, stop_mode=stop_mode, divergence_ratio=divergence_ratio, impl=impl)
+    track = Tracker(
+        z, F, tol=tol, stop_mode=stop_mode, divergence_ratio=divergence_ratio, impl=impl
+    )
     U, V = broyden_history(*z.shape, history, z.dtype, z.device, impl)
     step = torch.where(track.flagged(ACTIVE)[:, None], F, 0.0)  # H = -I: a fixed-point step
     n_updates = 0
@@ -88,15 +92,7 @@ def broyden(
         F_new = f(z_new)
         n_blowup, use = track.update(z_new, F_new)
         if n_blowup:
-            # Broyden samples restart from their best iterate by fixed-point iteration;
-            # samples already in that mode have nowhere left to go.
-            blowup = track.flagged(BLOWUP)
-            fallback = track.flagged(FALLBACK)
-            track.give_up(blowup & fallback)
-            fresh = blowup & ~fallback
-            track.start_fallback(fresh)
-            z_new = torch.where(fresh[:, None], track.best_z, z_new)
-            F_new = torch.where(fresh[:, None], track.best_F, F_new)
+            z_new, F_new = track.restart_blown_up(z_new, F_new)
             use = track.accelerated_mask()
         slot = n_updates % history
         n_valid = min(n_updates, history)
@@ -107,6 +103,10 @@ def broyden(
             step = torch.where(fixed[:, None], F_new, step)
         z, F = z_new, F_new
     return track.finish(
-        "broyden", f.calls, max_iter, z0.shape, warn,
+        "broyden",
+        f.calls,
+        max_iter,
+        z0.shape,
+        warn,
         on_divergence="restarted from the best iterate by fixed-point iteration",
     )

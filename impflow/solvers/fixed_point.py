@@ -42,7 +42,9 @@ def fixed_point(
     f = FlatFunction(fn, z0)
     z = z0.detach().reshape(z0.shape[0], -1).clone()
     F = f(z)
-    track = Tracker(z, F, tol=tol, stop_mode=stop_mode, divergence_ratio=divergence_ratio, impl=impl)
+    track = Tracker(
+        z, F, tol=tol, stop_mode=stop_mode, divergence_ratio=divergence_ratio, impl=impl
+    )
     active = track.flagged(ACTIVE)
     for _ in range(max_iter):
         if not track.n_active:
@@ -56,6 +58,10 @@ def fixed_point(
             track.give_up(blowup)
             active = track.flagged(ACTIVE)
     return track.finish(
-        "fixed_point", f.calls, max_iter, z0.shape, warn,
+        "fixed_point",
+        f.calls,
+        max_iter,
+        z0.shape,
+        warn,
         on_divergence="stopped at the best iterate",
     )
