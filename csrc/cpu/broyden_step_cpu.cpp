@@ -224,15 +224,23 @@ IMPFLOW_INLINE void samples_batch_minor(scalar_t* __restrict__ U, scalar_t* __re
     }
     scalar_t* __restrict__ Us = U + (int64_t(slot) * d) * B + b0;
     scalar_t* __restrict__ Vs = V + (int64_t(slot) * d) * B + b0;
+    // Per-lane coefficients first (into the free slot-dot buffers), so that both loops
+    // vectorise: a = 1 / denominator, bb = v_new . F, c = 1 where the update is kept.
+#pragma omp simd
+    for (int64_t l = 0; l < len; ++l) {
+      const auto k = broyden_coefficients_from_sums<acc_t>(sab[l], sac[l], dzdF[l], dzF[l]);
+      a[l] = k.inv_denom, bb[l] = k.vnew_dot_F, c[l] = k.valid ? acc_t(1) : acc_t(0);
+    }
     for (int64_t j = 0; j < d; ++j) {
 #pragma omp simd
       for (int64_t l = 0; l < len; ++l) {
-        const auto k = broyden_coefficients_from_sums<acc_t>(sab[l], sac[l], dzdF[l], dzF[l]);
         acc_t u_new, v_new, st;
-        broyden_element<acc_t>(x[j * kLanes + l], g[j * kLanes + l], f[j * kLanes + l],
-                               ub[j * kLanes + l], va[j * kLanes + l], uc[j * kLanes + l], k,
-                               &u_new, &v_new, &st);
-        const bool on = active[b0 + l];  // inactive samples: history untouched, no step
+        broyden_element_scalars<acc_t>(x[j * kLanes + l], g[j * kLanes + l], f[j * kLanes + l],
+                                       ub[j * kLanes + l], va[j * kLanes + l], uc[j * kLanes + l],
+                                       a[l], bb[l], c[l] != acc_t(0), &u_new, &v_new, &st);
+        // Inactive samples: history untouched, no step (read as bytes: bool loads do not
+        // vectorise).
+        const bool on = reinterpret_cast<const uint8_t*>(active)[b0 + l] != 0;
         Us[j * B + l] = on ? scalar_t(u_new) : Us[j * B + l];
         Vs[j * B + l] = on ? scalar_t(v_new) : Vs[j * B + l];
         step[(b0 + l) * d + j] = on ? scalar_t(st) : scalar_t(0);

@@ -12,7 +12,6 @@
 // the CUDA kernel's arithmetic too.
 #pragma once
 
-#include <cmath>
 
 #if defined(__CUDACC__) || defined(__HIPCC__)
 #define IMPFLOW_HOST_DEVICE __host__ __device__ __forceinline__
@@ -24,16 +23,15 @@ namespace impflow {
 
 // Math helpers callable from host and device code alike (std:: is host-only under nvcc).
 template <typename T>
-IMPFLOW_HOST_DEVICE bool finite_value(T x) {
-#if defined(__CUDA_ARCH__)
-  return isfinite(x);
-#else
-  return std::isfinite(x);
-#endif
-}
-
-template <typename T>
 IMPFLOW_HOST_DEVICE T abs_value(T x) { return x < T(0) ? -x : x; }
+
+template <typename T> struct LargestFinite;
+template <> struct LargestFinite<float> { static constexpr float value = 3.40282347e+38f; };
+template <> struct LargestFinite<double> { static constexpr double value = 1.7976931348623157e+308; };
+
+// False for NaN and +-Inf; a plain comparison, so that CPU loops using it still vectorise.
+template <typename T>
+IMPFLOW_HOST_DEVICE bool finite_value(T x) { return abs_value(x) <= LargestFinite<T>::value; }
 
 // Smallest normal value: a denominator below it has lost all precision.
 template <typename T> struct SmallestNormal;
@@ -86,16 +84,26 @@ IMPFLOW_HOST_DEVICE BroydenCoefficients<acc_t> broyden_coefficients(const acc_t*
 
 // One element j of the new pair and of the step, given the row sums
 //   sum_u_b = sum_i u_i[j] b_i,  sum_v_a = sum_i v_i[j] a_i  over the old valid slots, and
-//   sum_u_c = sum_i u_i[j] c_i   over the old valid slots except the one being overwritten.
+//   sum_u_c = sum_i u_i[j] c_i   over the old valid slots except the one being overwritten,
+// and the sample's coefficients (passed as scalars, which keeps CPU loops vectorisable).
+template <typename acc_t>
+IMPFLOW_HOST_DEVICE void broyden_element_scalars(acc_t dz, acc_t dF, acc_t F, acc_t sum_u_b,
+                                                 acc_t sum_v_a, acc_t sum_u_c, acc_t inv_denom,
+                                                 acc_t vnew_dot_F, bool valid, acc_t* u_new,
+                                                 acc_t* v_new, acc_t* step) {
+  // (dz - H dF) = dz + dF - sum_i u_i b_i ;  H^T dz = -dz + sum_i v_i a_i
+  *u_new = valid ? (dz + dF - sum_u_b) * inv_denom : acc_t(0);
+  *v_new = valid ? (-dz + sum_v_a) : acc_t(0);
+  // -H_new F = F - sum_{kept i} u_i c_i - u_new (v_new . F)
+  *step = F - sum_u_c - *u_new * vnew_dot_F;
+}
+
 template <typename acc_t>
 IMPFLOW_HOST_DEVICE void broyden_element(acc_t dz, acc_t dF, acc_t F, acc_t sum_u_b, acc_t sum_v_a,
                                          acc_t sum_u_c, const BroydenCoefficients<acc_t>& k,
                                          acc_t* u_new, acc_t* v_new, acc_t* step) {
-  // (dz - H dF) = dz + dF - sum_i u_i b_i ;  H^T dz = -dz + sum_i v_i a_i
-  *u_new = k.valid ? (dz + dF - sum_u_b) * k.inv_denom : acc_t(0);
-  *v_new = k.valid ? (-dz + sum_v_a) : acc_t(0);
-  // -H_new F = F - sum_{kept i} u_i c_i - u_new (v_new . F)
-  *step = F - sum_u_c - *u_new * k.vnew_dot_F;
+  broyden_element_scalars<acc_t>(dz, dF, F, sum_u_b, sum_v_a, sum_u_c, k.inv_denom, k.vnew_dot_F,
+                                 k.valid, u_new, v_new, step);
 }
 
 }  // namespace impflow
