@@ -13,8 +13,9 @@ from impflow.solvers.stats import SolverStats, SolverWarning
 
 _TRACK = {"fused": solver_track, "reference": solver_track_reference}
 
-# Rounding leaves |fn(z)| at a few ulps of z per element: the stopping measure cannot go
-# below this many machine epsilons (scaled by the sample's norm).
+# Rounding leaves fn(z) at about an ulp of z per element: the absolute stopping measure
+# cannot be trusted below this many machine epsilons of (||z|| + sqrt(n)), nor the relative
+# one below this many epsilons. A tol under that floor is replaced by it (see SolverStats).
 _FLOOR_ULPS = 1.0
 _REL_EPS = 1e-12
 
@@ -113,11 +114,12 @@ class Tracker:
         self.best_F = F.clone()
         self.any_fallback = False
         # The first call records z0: its residual becomes the reference for divergence.
-        self.update(z, F)
+        n_blowup, self.first_mask = self.update(z, F)
         self.nstep.zero_()
         self.best[:, 2] = self.best[:, 1]
-        self.give_up(self.flagged(BLOWUP))  # fn(z0) is NaN/Inf: nothing to iterate from
-        self.n_active = int(self.flagged(ACTIVE).sum())
+        if n_blowup:  # fn(z0) is NaN/Inf: nothing to iterate from
+            self.give_up(self.flagged(BLOWUP))
+            self.first_mask = self.accelerated_mask()
 
     def update(self, z, F):
         """Records the iterate ``z`` with residual ``F`` for the active samples. Returns

@@ -65,7 +65,7 @@ def anderson(
     B, n = z.shape
     Z = torch.zeros(B, history, n, dtype=z.dtype, device=z.device)  # iterates z_k
     R = torch.zeros_like(Z)  # their residuals fn(z_k)
-    active = track.flagged(ACTIVE)
+    active = track.first_mask
     for k in range(max_iter):
         if not track.n_active:
             break

@@ -85,7 +85,7 @@ def broyden(
         z, F, tol=tol, stop_mode=stop_mode, divergence_ratio=divergence_ratio, impl=impl
     )
     U, V = broyden_history(*z.shape, history, z.dtype, z.device, impl)
-    step = torch.where(track.flagged(ACTIVE)[:, None], F, 0.0)  # H = -I: a fixed-point step
+    step = torch.where(track.first_mask[:, None], F, 0.0)  # H = -I: a fixed-point step
     n_updates = 0
     while track.n_active and n_updates < max_iter:
         z_new = z + step

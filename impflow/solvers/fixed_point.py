@@ -45,7 +45,7 @@ def fixed_point(
     track = Tracker(
         z, F, tol=tol, stop_mode=stop_mode, divergence_ratio=divergence_ratio, impl=impl
     )
-    active = track.flagged(ACTIVE)
+    active = track.first_mask
     for _ in range(max_iter):
         if not track.n_active:
             break
