@@ -23,10 +23,11 @@ def make_state(B, n, dtype, device, seed):
     F[B // 3] = math.nan if B > 2 else F[B // 3]
     if B > 4:
         F[B // 4, 0] = math.inf
-    best = torch.empty(B, 3, dtype=torch.float64)
-    best[:, 0] = 10.0 ** torch.randint(-5, 1, (B,), generator=gen)  # best measure so far
-    best[:, 1] = best[:, 0]
-    best[:, 2] = 0.1 * 10.0 ** torch.randint(-1, 2, (B,), generator=gen)  # first residual
+    best = torch.empty(4, B, dtype=torch.float64)
+    best[0] = 10.0 ** torch.randint(-5, 1, (B,), generator=gen)  # best measure so far
+    best[1] = best[0]
+    best[2] = 0.1 * 10.0 ** torch.randint(-1, 2, (B,), generator=gen)  # first residual
+    best[3] = torch.rand(B, generator=gen)  # norm of the best z
     status = torch.full((B,), ACTIVE, dtype=torch.uint8)
     status[torch.rand(B, generator=gen) < 0.2] = CONVERGED  # done: left alone
     status[torch.rand(B, generator=gen) < 0.2] |= FALLBACK
@@ -69,8 +70,8 @@ def test_decisions(device):
     z = torch.ones(6, 4, dtype=torch.float64, device=device)
     F = torch.tensor([1e-6, 0.5, 50.0, math.nan, 0.5, 0.2], dtype=torch.float64, device=device)
     F = F[:, None].expand(6, 4) / 2  # ||F|| = the listed value
-    best = torch.tensor([[1.0, 1.0, 1.0]] * 6, dtype=torch.float64, device=device)
-    best[5, 0] = 0.01  # sample 5 does not improve on its best
+    best = torch.ones(4, 6, dtype=torch.float64, device=device)
+    best[0, 5] = 0.01  # sample 5 does not improve on its best
     status = torch.tensor([ACTIVE] * 4 + [0, ACTIVE | FALLBACK], dtype=torch.uint8, device=device)
     nstep = torch.zeros(6, dtype=torch.long, device=device)
     best_z, best_F = torch.zeros_like(z), torch.zeros_like(z)
@@ -90,7 +91,9 @@ def test_decisions(device):
     improved = [True, True, False, False, False, False]  # 50 > best 1; NaN; inactive; 0.2 > 0.01
     for b, yes in enumerate(improved):
         assert torch.equal(best_z[b], z[b] if yes else torch.zeros_like(z[b])), b
-    assert best[:2, 1].tolist() == pytest.approx([1e-6, 0.5])
+    assert best[1, :2].tolist() == pytest.approx([1e-6, 0.5])
+    assert best[3, :2].tolist() == pytest.approx([2.0, 2.0])  # ||z|| of a row of four ones
+    assert best[3, 2:].tolist() == [1.0] * 4  # not improved: unchanged
 
 
 @pytest.mark.parametrize("device", DEVICES)
@@ -114,6 +117,10 @@ def test_opcheck(dtype, device):
 
 BAD = [
     ("best must be a float64", lambda s: s.__setitem__(4, s[4].float())),
+    (
+        "best must be a float64 tensor of shape \\(4, 4\\)",
+        lambda s: s.__setitem__(4, s[4][:3].contiguous()),
+    ),
     ("status must be a uint8", lambda s: s.__setitem__(5, s[5].bool())),
     ("nstep must be an int64", lambda s: s.__setitem__(6, s[6].int())),
     ("must have z's shape", lambda s: s.__setitem__(1, s[1][:, :-1])),

@@ -18,18 +18,7 @@
 
 #include "impflow/broyden_checks.h"
 #include "impflow/broyden_math.h"
-
-#if defined(__GNUC__) && defined(__x86_64__) && defined(__linux__) && !defined(IMPFLOW_NO_MULTIVERSION)
-#define IMPFLOW_CPU_CLONES __attribute__((target_clones("avx512f", "avx2", "default")))
-#else
-#define IMPFLOW_CPU_CLONES
-#endif
-
-#if defined(__GNUC__)
-#define IMPFLOW_INLINE inline __attribute__((always_inline))
-#else
-#define IMPFLOW_INLINE inline
-#endif
+#include "impflow/cpu_dispatch.h"
 
 namespace impflow {
 namespace {

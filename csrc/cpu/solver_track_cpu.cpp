@@ -12,6 +12,7 @@
 #include <tuple>
 
 #include "impflow/track_checks.h"
+#include "impflow/cpu_dispatch.h"
 #include "impflow/track_math.h"
 
 namespace impflow {
@@ -19,19 +20,35 @@ namespace {
 
 constexpr int64_t kBlock = 256;  // samples whose norms and decisions are vectorised together
 
+// best_z, best_F <- z, F for the lanes that improved, for samples of N elements.
+template <typename scalar_t, int N>
+IMPFLOW_INLINE void copy_better(const scalar_t* __restrict__ z, const scalar_t* __restrict__ F,
+                                scalar_t* __restrict__ best_z, scalar_t* __restrict__ best_F,
+                                const uint8_t* __restrict__ better, int64_t b0, int64_t len) {
+#pragma omp simd
+  for (int64_t l = 0; l < len; ++l) {
+    const bool take = better[l] != 0;
+    for (int j = 0; j < N; ++j) {
+      const int64_t k = (b0 + l) * N + j;
+      best_z[k] = take ? z[k] : best_z[k];
+      best_F[k] = take ? F[k] : best_F[k];
+    }
+  }
+}
+
 // Returns the counts [active, blown up] of the range and writes its part of the mask.
 // Three loops per block of samples, each vectorised along the samples: the norms, the
 // decisions (track_decide, branch-free), then the copies into the best iterate.
 template <typename scalar_t>
-std::pair<int64_t, int64_t> track_samples(const scalar_t* __restrict__ z,
+IMPFLOW_INLINE std::pair<int64_t, int64_t> track_samples(const scalar_t* __restrict__ z,
                                           const scalar_t* __restrict__ F,
                                           scalar_t* __restrict__ best_z,
                                           scalar_t* __restrict__ best_F, double* __restrict__ best,
                                           uint8_t* __restrict__ status, int64_t* __restrict__ nstep,
-                                          bool* __restrict__ mask, int64_t n,
+                                          bool* __restrict__ mask, int64_t B, int64_t n,
                                           const TrackSettings& s, int64_t begin, int64_t end) {
   double F_sq[kBlock], z_sq[kBlock];
-  bool better[kBlock];
+  uint8_t better[kBlock];  // bytes, not bool: bool stores do not vectorise
   int64_t active = 0, blowup = 0;
   for (int64_t b0 = begin; b0 < end; b0 += kBlock) {
     const int64_t len = std::min(kBlock, end - b0);
@@ -57,48 +74,75 @@ std::pair<int64_t, int64_t> track_samples(const scalar_t* __restrict__ z,
         F_sq[l] = f2, z_sq[l] = z2;
       }
     }
-    // The decision of track_decide, written out branch-free so that it vectorises.
-    const double tol = s.tol, ratio = s.divergence_ratio, floor_scale = s.floor_scale;
-    const double sqrt_n = s.sqrt_n;
-    const bool relative = s.relative;
     int64_t block_active = 0, block_blowup = 0;
+    double* __restrict__ best_measure = best + kBestMeasure * B + b0;
+    double* __restrict__ best_residual = best + kBestResidual * B + b0;
+    double* __restrict__ best_norm = best + kBestNorm * B + b0;
+    const double* __restrict__ initial = best + kInitialResidual * B + b0;
 #pragma omp simd reduction(+ : block_active, block_blowup)
     for (int64_t l = 0; l < len; ++l) {
-      const int64_t b = b0 + l;
-      double* rec = best + b * kBestColumns;
-      const int old = status[b];
+      const uint8_t old = status[b0 + l];
       const bool on = (old & kActive) != 0;
-      const double res = std::sqrt(F_sq[l]);
-      const double z_norm = std::sqrt(z_sq[l]);
-      const bool finite = res <= std::numeric_limits<double>::max();  // false for NaN and Inf
-      const double measure = relative ? res / (z_norm + 1e-12) : res;
-      const bool improve = on && finite && measure < rec[kBestMeasure];
-      const double initial = rec[kInitialResidual];
-      const bool blow = on && !(res <= ratio * (initial > tol ? initial : tol));
-      const double floor = relative ? floor_scale : floor_scale * (z_norm + sqrt_n);
-      const bool done = on && finite && measure <= (floor > tol ? floor : tol);
-      int st = old & ~kBlowup;
-      st |= (on && !finite) ? kNonfinite : 0;
-      st |= blow ? kBlowup : 0;
-      st = done ? ((st | kConverged) & ~kActive) : st;
+      const TrackDecision d = track_decide(F_sq[l], z_sq[l], best_measure[l], initial[l], old, s);
+      const bool improve = on & d.better;
       better[l] = improve;
-      rec[kBestMeasure] = improve ? measure : rec[kBestMeasure];
-      rec[kBestResidual] = improve ? res : rec[kBestResidual];
-      status[b] = uint8_t(st);
-      nstep[b] += on ? 1 : 0;
-      mask[b] = (st & (kActive | kFallback)) == kActive;
+      best_measure[l] = improve ? d.measure : best_measure[l];
+      best_residual[l] = improve ? d.residual : best_residual[l];
+      best_norm[l] = improve ? d.z_norm : best_norm[l];
+      const uint8_t st = on ? d.status : uint8_t(old & ~kBlowup);
+      status[b0 + l] = st;
+      nstep[b0 + l] += on ? 1 : 0;
+      reinterpret_cast<uint8_t*>(mask)[b0 + l] = (st & (kActive | kFallback)) == kActive;
       block_active += (st & kActive) != 0;
       block_blowup += (st & kBlowup) != 0;
     }
     active += block_active;
     blowup += block_blowup;
-    for (int64_t l = 0; l < len; ++l) {
-      if (!better[l]) continue;
-      const int64_t b = b0 + l;
-      for (int64_t j = 0; j < n; ++j) best_z[b * n + j] = z[b * n + j], best_F[b * n + j] = F[b * n + j];
+    switch (n) {  // tiny samples: copy lanes side by side; larger ones row by row
+      case 1: copy_better<scalar_t, 1>(z, F, best_z, best_F, better, b0, len); break;
+      case 2: copy_better<scalar_t, 2>(z, F, best_z, best_F, better, b0, len); break;
+      case 3: copy_better<scalar_t, 3>(z, F, best_z, best_F, better, b0, len); break;
+      case 4: copy_better<scalar_t, 4>(z, F, best_z, best_F, better, b0, len); break;
+      default:
+        for (int64_t l = 0; l < len; ++l) {
+          if (!better[l]) continue;
+          const int64_t b = b0 + l;
+#pragma omp simd
+          for (int64_t j = 0; j < n; ++j) best_z[b * n + j] = z[b * n + j], best_F[b * n + j] = F[b * n + j];
+        }
     }
   }
   return {active, blowup};
+}
+
+// Non-template entry points: GCC clones these per instruction set.
+IMPFLOW_CPU_CLONES std::pair<int64_t, int64_t> track_samples_f32(
+    const float* z, const float* F, float* best_z, float* best_F, double* best, uint8_t* status,
+    int64_t* nstep, bool* mask, int64_t B, int64_t n, const TrackSettings& s, int64_t begin,
+    int64_t end) {
+  return track_samples<float>(z, F, best_z, best_F, best, status, nstep, mask, B, n, s, begin, end);
+}
+
+IMPFLOW_CPU_CLONES std::pair<int64_t, int64_t> track_samples_f64(
+    const double* z, const double* F, double* best_z, double* best_F, double* best,
+    uint8_t* status, int64_t* nstep, bool* mask, int64_t B, int64_t n, const TrackSettings& s,
+    int64_t begin, int64_t end) {
+  return track_samples<double>(z, F, best_z, best_F, best, status, nstep, mask, B, n, s, begin,
+                               end);
+}
+
+std::pair<int64_t, int64_t> track_samples_any(const float* z, const float* F, float* best_z,
+                                              float* best_F, double* best, uint8_t* status,
+                                              int64_t* nstep, bool* mask, int64_t B, int64_t n,
+                                              const TrackSettings& s, int64_t begin, int64_t end) {
+  return track_samples_f32(z, F, best_z, best_F, best, status, nstep, mask, B, n, s, begin, end);
+}
+
+std::pair<int64_t, int64_t> track_samples_any(const double* z, const double* F, double* best_z,
+                                              double* best_F, double* best, uint8_t* status,
+                                              int64_t* nstep, bool* mask, int64_t B, int64_t n,
+                                              const TrackSettings& s, int64_t begin, int64_t end) {
+  return track_samples_f64(z, F, best_z, best_F, best, status, nstep, mask, B, n, s, begin, end);
 }
 
 std::tuple<at::Tensor, at::Tensor> solver_track_cpu(const at::Tensor& z_in, const at::Tensor& F_in,
@@ -124,8 +168,9 @@ std::tuple<at::Tensor, at::Tensor> solver_track_cpu(const at::Tensor& z_in, cons
     bool* mask_ptr = mask.data_ptr<bool>();
     const int64_t grain = std::max<int64_t>(1, 16384 / (n + 16));
     at::parallel_for(0, B, grain, [&](int64_t begin, int64_t end) {
-      const auto c = track_samples<scalar_t>(z_ptr, F_ptr, best_z_ptr, best_F_ptr, best_ptr,
-                                             status_ptr, nstep_ptr, mask_ptr, n, s, begin, end);
+      const auto c = track_samples_any(z_ptr, F_ptr, best_z_ptr, best_F_ptr, best_ptr,
+                                             status_ptr, nstep_ptr, mask_ptr, B, n, s, begin,
+                                             end);
       active += c.first;
       blowup += c.second;
     });

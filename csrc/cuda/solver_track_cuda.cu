@@ -60,9 +60,13 @@ track_kernel(const scalar_t* __restrict__ z, const scalar_t* __restrict__ F,
   if (work && rank == 0) {
     double F_sq = 0, z_sq = 0;
     for (int w = 0; w < kWarpsPerGroup; ++w) F_sq += partial[group][w][0], z_sq += partial[group][w][1];
-    double* rec = best + b * kBestColumns;
-    const TrackDecision d = track_decide(F_sq, z_sq, rec, status[b], s);
-    if (d.better) rec[kBestMeasure] = d.measure, rec[kBestResidual] = d.residual;
+    const TrackDecision d = track_decide(F_sq, z_sq, best[kBestMeasure * B + b],
+                                         best[kInitialResidual * B + b], status[b], s);
+    if (d.better) {
+      best[kBestMeasure * B + b] = d.measure;
+      best[kBestResidual * B + b] = d.residual;
+      best[kBestNorm * B + b] = d.z_norm;
+    }
     status[b] = d.status;
     nstep[b] += 1;
     better[group] = d.better;

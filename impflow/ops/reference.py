@@ -75,7 +75,8 @@ def solver_track_reference(
     Args:
         z, F: (B, n) the new iterate and its residual ``fn(z)``.
         best_z, best_F: (B, n) lowest-measure iterate and its residual, updated in place.
-        best: (B, 3) float64 ``[best measure, best residual, first residual]``, updated in place.
+        best: (4, B) float64 rows: best measure, its residual, first residual, ``||z||`` at
+            the best iterate; updated in place.
         status: (B,) uint8 bits (``impflow.ops.track``), updated in place: BLOWUP is cleared
             and set anew, NONFINITE added, CONVERGED set and ACTIVE cleared at convergence.
         nstep: (B,) int64 iteration counts, incremented for the active samples.
@@ -102,12 +103,13 @@ def solver_track_reference(
     finite = torch.isfinite(res)
     measure = res / (z_norm + 1e-12) if relative else res
     floor = torch.full_like(res, floor_scale) if relative else floor_scale * (z_norm + n**0.5)
-    better = active & finite & (measure < best[:, 0])
+    better = active & finite & (measure < best[0])
     best_z.copy_(torch.where(better[:, None], z, best_z))
     best_F.copy_(torch.where(better[:, None], F, best_F))
-    best[:, 0] = torch.where(better, measure, best[:, 0])
-    best[:, 1] = torch.where(better, res, best[:, 1])
-    blowup = active & (~finite | (res > divergence_ratio * best[:, 2].clamp(min=tol)))
+    best[0] = torch.where(better, measure, best[0])
+    best[1] = torch.where(better, res, best[1])
+    best[3] = torch.where(better, z_norm, best[3])
+    blowup = active & (~finite | (res > divergence_ratio * best[2].clamp(min=tol)))
     done = active & finite & (measure <= floor.clamp(min=tol))
     new = status | torch.where(active & ~finite, NONFINITE, 0).to(status.dtype)
     new = new | torch.where(blowup, BLOWUP, 0).to(status.dtype)

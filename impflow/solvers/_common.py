@@ -29,7 +29,7 @@ def check_common_args(z0, max_iter, tol, stop_mode, divergence_ratio):
         raise ValueError(f"z0 must have at least one element per sample, got {tuple(z0.shape)}")
     if not z0.is_floating_point() or z0.dtype not in (torch.float32, torch.float64):
         raise TypeError(f"z0 must be float32 or float64, got {z0.dtype}")
-    if not bool(torch.isfinite(z0).all()):
+    if not math.isfinite(float((z0 * 0).sum())):  # NaN exactly when z0 holds NaN or Inf
         bad = (~torch.isfinite(z0.reshape(z0.shape[0], -1))).any(1).nonzero().flatten()
         raise ValueError(f"z0 contains NaN or Inf (samples {bad[:8].tolist()})")
     if isinstance(max_iter, bool) or not isinstance(max_iter, numbers.Integral) or max_iter < 1:
@@ -109,14 +109,15 @@ class Tracker:
         self.floor_scale = _FLOOR_ULPS * torch.finfo(z.dtype).eps
         self.status = torch.full((B,), ACTIVE, dtype=torch.uint8, device=z.device)
         self.nstep = torch.zeros(B, dtype=torch.long, device=z.device)
-        self.best = torch.full((B, 3), math.inf, dtype=torch.float64, device=z.device)
+        # Rows: best measure, its residual, first residual, ||z|| at the best iterate.
+        self.best = torch.full((4, B), math.inf, dtype=torch.float64, device=z.device)
         self.best_z = z.clone()
         self.best_F = F.clone()
         self.any_fallback = False
         # The first call records z0: its residual becomes the reference for divergence.
         n_blowup, self.first_mask = self.update(z, F)
         self.nstep.zero_()
-        self.best[:, 2] = self.best[:, 1]
+        self.best[2] = self.best[1]
         if n_blowup:  # fn(z0) is NaN/Inf: nothing to iterate from
             self.give_up(self.flagged(BLOWUP))
             self.first_mask = self.accelerated_mask()
@@ -174,12 +175,12 @@ class Tracker:
         """The best iterate in ``shape`` and the statistics; warns when some samples did not
         converge. ``on_divergence`` says what the method did with diverged samples."""
         dtype = self.best_z.dtype
-        z_norm = torch.linalg.vector_norm(self.best_z, dim=1, dtype=torch.float64)
+        z_norm = self.best[3]
         if self.stop_mode == "rel":
             floor = torch.full_like(z_norm, self.floor_scale)
         else:
             floor = self.floor_scale * (z_norm + math.sqrt(self.best_z.shape[1]))
-        residual = self.best[:, 1]
+        residual = self.best[1]
         stats = SolverStats(
             method=method,
             nstep=self.nstep,

@@ -85,7 +85,8 @@ def broyden(
         z, F, tol=tol, stop_mode=stop_mode, divergence_ratio=divergence_ratio, impl=impl
     )
     U, V = broyden_history(*z.shape, history, z.dtype, z.device, impl)
-    step = torch.where(track.first_mask[:, None], F, 0.0)  # H = -I: a fixed-point step
+    # H = -I: the first step is a fixed-point step, for the samples that are not done yet.
+    step = F if track.n_active == z.shape[0] else torch.where(track.first_mask[:, None], F, 0.0)
     n_updates = 0
     while track.n_active and n_updates < max_iter:
         z_new = z + step
@@ -94,6 +95,9 @@ def broyden(
         if n_blowup:
             z_new, F_new = track.restart_blown_up(z_new, F_new)
             use = track.accelerated_mask()
+        if not track.n_active or n_updates + 1 == max_iter:
+            n_updates += 1
+            break  # no step will be taken: skip the update
         slot = n_updates % history
         n_valid = min(n_updates, history)
         step = update(U, V, step, F_new - F, F_new, use, slot, n_valid)

@@ -18,9 +18,9 @@ inline void check_solver_track_args(const at::Tensor& z, const at::Tensor& F,
                 "solver_track: F, best_z and best_F must have z's shape ", z.sizes(),
                 " and dtype ", z.scalar_type(), ", got ", t->sizes(), " ", t->scalar_type());
   }
-  TORCH_CHECK(best.dim() == 2 && best.size(0) == B && best.size(1) == 3 &&
+  TORCH_CHECK(best.dim() == 2 && best.size(0) == 4 && best.size(1) == B &&
                   best.scalar_type() == at::kDouble,
-              "solver_track: best must be a float64 tensor of shape (", B, ", 3), got ",
+              "solver_track: best must be a float64 tensor of shape (4, ", B, "), got ",
               best.scalar_type(), " ", best.sizes());
   TORCH_CHECK(status.dim() == 1 && status.size(0) == B && status.scalar_type() == at::kByte,
               "solver_track: status must be a uint8 tensor of shape (", B, "), got ",

@@ -18,8 +18,15 @@ enum TrackStatus : uint8_t {
   kBlowup = 32,     // this call: residual non-finite or above divergence_ratio x the first
 };
 
-// Columns of the per-sample float64 record `best`.
-enum TrackBest : int { kBestMeasure = 0, kBestResidual = 1, kInitialResidual = 2, kBestColumns = 3 };
+// Rows of the float64 record `best`, shape (kBestRows, B): one row per quantity, so that the
+// CPU kernel reads and writes them contiguously across samples.
+enum TrackBest : int {
+  kBestMeasure = 0,      // lowest stopping measure so far
+  kBestResidual = 1,     // ||F|| at that iterate
+  kInitialResidual = 2,  // ||F|| at z0: the scale of the divergence test
+  kBestNorm = 3,         // ||z|| at the best iterate
+  kBestRows = 4,
+};
 
 struct TrackSettings {
   double tol;
@@ -31,14 +38,16 @@ struct TrackSettings {
 };
 
 struct TrackDecision {
-  bool better;   // copy z, F into best_z, best_F
-  double measure, residual;
+  bool better;   // copy z, F into best_z, best_F and the new values into `best`
+  double measure, residual, z_norm;
   uint8_t status;
 };
 
-// Decision for an active sample from ||F||^2 and ||z||^2 (accumulated in double).
-IMPFLOW_HOST_DEVICE TrackDecision track_decide(double F_sq, double z_sq, const double* best,
-                                               uint8_t status, const TrackSettings& s) {
+// Decision for an active sample from ||F||^2 and ||z||^2 (accumulated in double), its best
+// measure so far and its first residual.
+IMPFLOW_HOST_DEVICE TrackDecision track_decide(double F_sq, double z_sq, double best_measure,
+                                               double initial, uint8_t status,
+                                               const TrackSettings& s) {
   TrackDecision out;
   const double res = sqrt(F_sq);
   const double z_norm = sqrt(z_sq);
@@ -46,8 +55,8 @@ IMPFLOW_HOST_DEVICE TrackDecision track_decide(double F_sq, double z_sq, const d
   const double measure = s.relative ? res / (z_norm + 1e-12) : res;
   out.residual = res;
   out.measure = measure;
-  out.better = finite && measure < best[kBestMeasure];
-  const double initial = best[kInitialResidual];
+  out.z_norm = z_norm;
+  out.better = finite && measure < best_measure;
   const double scale = initial > s.tol ? initial : s.tol;
   const bool blowup = !finite || res > s.divergence_ratio * scale;
   const double floor = s.relative ? s.floor_scale : s.floor_scale * (z_norm + s.sqrt_n);
