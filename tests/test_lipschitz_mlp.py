@@ -12,12 +12,8 @@ import impflow.nn as inn
 from impflow.nn import LipschitzMLP, LipSwish, Sin, SpectralLinear, update_lipschitz
 
 
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+# Tiny problems: intra-op threads only add scheduling noise on a small machine.
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def _new_weights(net, scale):

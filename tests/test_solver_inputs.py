@@ -15,12 +15,8 @@ ALL = sorted(METHODS)
 WITH_HISTORY = ["anderson", "broyden"]
 
 
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+# Tiny problems: intra-op threads only add scheduling noise on a small machine.
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def contraction(z):

@@ -19,13 +19,8 @@ METHODS = {"broyden": broyden, "anderson": anderson, "fixed_point": fixed_point}
 BROYDEN_MODULE = sys.modules["impflow.solvers.broyden"]  # `impflow.solvers.broyden` is the function
 
 
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    # The problems are tiny: intra-op threads only add scheduling noise on a small machine.
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+# Tiny problems: intra-op threads only add scheduling noise on a small machine.
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def _orthogonal(B, n, generator, dtype=torch.float64):

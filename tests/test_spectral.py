@@ -17,12 +17,8 @@ from impflow.nn.spectral import power_iteration_conv2d, power_iteration_dense
 D64 = torch.float64
 
 
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+# Tiny problems: intra-op threads only add scheduling noise on a small machine.
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def _rel(a, b):
