@@ -18,6 +18,9 @@ TORCH_LIBRARY(impflow, m) {
   m.def("solver_track(Tensor z, Tensor F, Tensor(a!) best_z, Tensor(b!) best_F, Tensor(c!) best, "
         "Tensor(d!) status, Tensor(e!) nstep, float tol, float floor_scale, "
         "float divergence_ratio, bool relative) -> (Tensor, Tensor)");
+  // n power-iteration steps for each matrix of a list; the vectors are updated in place.
+  m.def("power_iteration(Tensor[] weights, Tensor(a!)[] us, Tensor(b!)[] vs, int n_iterations) "
+        "-> Tensor");
 }
 
 at::Tensor broyden_step(at::Tensor& U, at::Tensor& V, const at::Tensor& dz, const at::Tensor& dF,
@@ -43,6 +46,14 @@ std::tuple<at::Tensor, at::Tensor> solver_track(const at::Tensor& z, const at::T
                            at::Tensor&, at::Tensor&, at::Tensor&, double, double, double, bool)>();
   return op.call(z, F, best_z, best_F, best, status, nstep, tol, floor_scale, divergence_ratio,
                  relative);
+}
+
+at::Tensor power_iteration(at::TensorList weights, at::TensorList us, at::TensorList vs,
+                           int64_t n_iterations) {
+  static auto op = c10::Dispatcher::singleton()
+                       .findSchemaOrThrow("impflow::power_iteration", "")
+                       .typed<at::Tensor(at::TensorList, at::TensorList, at::TensorList, int64_t)>();
+  return op.call(weights, us, vs, n_iterations);
 }
 
 bool compiled_with_cuda() {

@@ -33,6 +33,8 @@ import torch.nn.functional as F
 from torch import nn
 from torch.nn.modules.utils import _pair
 
+from impflow.ops.power import power_iteration
+
 __all__ = [
     "SpectralConv2d",
     "SpectralLinear",
@@ -138,6 +140,10 @@ def power_iteration_dense(
         ``(u, v, n_used)``: the new unit vectors (new tensors) and the number of steps run.
     """
     check = atol is not None or rtol is not None
+    if not check:  # a fixed number of steps: one fused call (impflow.ops.power_iteration)
+        u, v = u.detach().clone(), v.detach().clone()
+        power_iteration([weight.detach()], [u], [v], n_iterations)
+        return u, v, n_iterations
     atol, rtol = atol or 0.0, rtol or 0.0
     steps = 0
     for steps in range(1, n_iterations + 1):
@@ -595,9 +601,21 @@ def update_lipschitz(module: nn.Module, n_iterations: int = 20) -> int:
     n_iterations = _check_n_iterations(n_iterations, "n_iterations")
     if not isinstance(module, nn.Module):
         raise TypeError(f"module must be an nn.Module, got {type(module).__name__}")
-    count = 0
+    dense, count = {}, 0
     for layer in module.modules():
-        if isinstance(layer, (SpectralLinear, SpectralConv2d)) and layer._ready():
+        if isinstance(layer, SpectralLinear):
+            # Dense layers of one dtype and device go through a single fused call.
+            dense.setdefault((layer.weight.dtype, layer.weight.device), []).append(layer)
+        elif isinstance(layer, SpectralConv2d) and layer._ready():
             layer.power_iteration(n_iterations)
             count += 1
+    with torch.no_grad():
+        for layers in dense.values():
+            power_iteration(
+                [layer.weight.detach() for layer in layers],
+                [layer.u for layer in layers],
+                [layer.v for layer in layers],
+                n_iterations,
+            )
+            count += len(layers)
     return count

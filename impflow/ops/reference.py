@@ -119,3 +119,31 @@ def solver_track_reference(
     still = (status & ACTIVE) != 0
     counts = torch.stack([still.sum(), blowup.sum()]).to(torch.long)
     return counts, still & ((status & FALLBACK) == 0)
+
+
+def power_iteration_reference(weights, us, vs, n_iterations):
+    """Power iteration for the largest singular value of each matrix of a list.
+
+    Args:
+        weights: matrices ``W_l`` of shapes (out_l, in_l), one dtype and device.
+        us: vectors (out_l,), updated in place.
+        vs: vectors (in_l,), updated in place.
+        n_iterations: steps ``v <- normalize(W^T u)``, ``u <- normalize(W v)`` (>= 0), with
+            ``normalize(x) = x / max(||x||, 1e-12)``.
+
+    Returns:
+        (L,) ``sigma_l = u_l^T W_l v_l`` after the steps.
+    """
+    sigmas = []
+    for W, u, v in zip(weights, us, vs):
+        for _ in range(n_iterations):
+            v.copy_(_normalize(torch.mv(W.t(), u)))
+            u.copy_(_normalize(torch.mv(W, v)))
+        sigmas.append(torch.dot(u, torch.mv(W, v)))
+    if not sigmas:
+        return torch.empty(0)
+    return torch.stack(sigmas)
+
+
+def _normalize(x):
+    return x / x.norm().clamp_min(1e-12)

@@ -28,6 +28,12 @@ std::tuple<at::Tensor, at::Tensor> solver_track(const at::Tensor& z, const at::T
                                                 at::Tensor& nstep, double tol, double floor_scale,
                                                 double divergence_ratio, bool relative);
 
+// n_iterations steps of v <- normalize(W^T u), u <- normalize(W v) for every matrix of
+// `weights` (each (out, in), one dtype and device), updating us[l] (out,) and vs[l] (in,) in
+// place; returns sigma_l = u_l^T W_l v_l, shape (L,).
+at::Tensor power_iteration(at::TensorList weights, at::TensorList us, at::TensorList vs,
+                           int64_t n_iterations);
+
 // True when this build carries CUDA kernels.
 bool compiled_with_cuda();
 

@@ -1,0 +1,109 @@
+"""The fused power-iteration op against its pure-PyTorch reference, opcheck, and checks."""
+
+import pytest
+import torch
+
+from impflow.ops import power_iteration
+from impflow.ops.reference import power_iteration_reference
+from testing import DEVICES, DTYPES, REL_TOL, rel_error
+
+SHAPES = [(1, 1), (3, 5), (5, 3), (128, 128), (7, 300), (6, 128)]
+
+
+def make_problem(shapes, dtype, device, seed, transposed=False):
+    gen = torch.Generator().manual_seed(seed)
+    weights, us, vs = [], [], []
+    for rows, cols in shapes:
+        W = torch.randn(rows, cols, generator=gen, dtype=torch.float64)
+        if transposed:  # the same values behind other strides
+            W = W.t().contiguous().t()
+        weights.append(W.to(device, dtype))
+        us.append(
+            torch.nn.functional.normalize(
+                torch.randn(rows, generator=gen, dtype=torch.float64), dim=0
+            ).to(device, dtype)
+        )
+        vs.append(
+            torch.nn.functional.normalize(
+                torch.randn(cols, generator=gen, dtype=torch.float64), dim=0
+            ).to(device, dtype)
+        )
+    return weights, us, vs
+
+
+@pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("n_iterations", [0, 1, 5, 20])
+@pytest.mark.parametrize("transposed", [False, True])
+def test_matches_reference(n_iterations, transposed, dtype, device):
+    weights, us, vs = make_problem(SHAPES, dtype, device, seed=n_iterations, transposed=transposed)
+    assert transposed == (not weights[1].is_contiguous())
+    ref_u = [u.double().cpu().clone() for u in us]
+    ref_v = [v.double().cpu().clone() for v in vs]
+    ref_sigma = power_iteration_reference(
+        [W.double().cpu() for W in weights], ref_u, ref_v, n_iterations
+    )
+    sigma = power_iteration(weights, us, vs, n_iterations)
+    assert sigma.shape == (len(SHAPES),) and sigma.dtype == dtype and sigma.device.type == device
+    # Float32 drifts from float64 over the steps; the tolerance grows with them.
+    tol = REL_TOL[dtype] * max(1, n_iterations) * 10
+    assert rel_error(sigma, ref_sigma) <= tol
+    for got, want in zip(us + vs, ref_u + ref_v):
+        assert rel_error(got, want) <= tol
+
+
+@pytest.mark.parametrize("device", DEVICES)
+def test_converges_to_the_spectral_norm(device):
+    weights, us, vs = make_problem(SHAPES, torch.float64, device, seed=1)
+    sigma = power_iteration(weights, us, vs, 3000)
+    exact = torch.stack([torch.linalg.matrix_norm(W, 2) for W in weights])
+    assert rel_error(sigma, exact) <= 1e-6
+    for W, u, v, s in zip(weights, us, vs, sigma):
+        assert float(u.norm()) == pytest.approx(1.0, abs=1e-12)
+        assert float(v.norm()) == pytest.approx(1.0, abs=1e-12)
+        torch.testing.assert_close(torch.mv(W, v), s * u, rtol=0, atol=1e-5)
+
+
+def test_zero_matrix_keeps_finite_vectors():
+    W = torch.zeros(3, 4)
+    u, v = torch.ones(3) / 3**0.5, torch.ones(4) / 2
+    sigma = power_iteration([W], [u], [v], 3)
+    assert float(sigma) == 0.0 and torch.isfinite(u).all() and torch.isfinite(v).all()
+
+
+def test_empty_list():
+    assert power_iteration([], [], [], 5).shape == (0,)
+
+
+@pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("dtype", DTYPES)
+def test_opcheck(dtype, device):
+    weights, us, vs = make_problem([(3, 4), (5, 2)], dtype, device, seed=2)
+    torch.library.opcheck(torch.ops.impflow.power_iteration.default, (weights, us, vs, 3))
+
+
+BAD = [
+    ("same length", lambda w, u, v: (w, u[:1], v)),
+    ("must be a matrix", lambda w, u, v: ([w[0][0]] + w[1:], u, v)),
+    ("us\\[1\\] must have shape", lambda w, u, v: (w, [u[0], u[0]], v)),
+    ("vs\\[0\\] must have shape", lambda w, u, v: (w, u, [v[1], v[1]])),
+    ("dtype and device of weights\\[0\\]", lambda w, u, v: ([w[0], w[1].double()], u, v)),
+    (
+        "float32 or float64",
+        lambda w, u, v: ([x.half() for x in w], [x.half() for x in u], [x.half() for x in v]),
+    ),
+    ("must be contiguous", lambda w, u, v: (w, [torch.stack([u[0], u[0]], 1)[:, 0], u[1]], v)),
+]
+
+
+@pytest.mark.parametrize("message,spoil", BAD, ids=[b[0] for b in BAD])
+def test_bad_arguments(message, spoil):
+    weights, us, vs = make_problem([(3, 4), (5, 2)], torch.float32, "cpu", seed=3)
+    with pytest.raises(RuntimeError, match=message):
+        power_iteration(*spoil(weights, us, vs), 2)
+
+
+def test_negative_iterations():
+    weights, us, vs = make_problem([(3, 4)], torch.float32, "cpu", seed=4)
+    with pytest.raises(RuntimeError, match="n_iterations must be >= 0"):
+        power_iteration(weights, us, vs, -1)
