@@ -86,7 +86,8 @@ def main(argv=None):
     )
     rows = [bench(d, networks, args.iterations, min_seconds) for d in devices]
     print(
-        f"{'device':6} {'layers':>6} {'iters':>5} | {'fused ms':>9} {'loop ms':>9} {'x':>6} {'GFLOP/s':>8} {'max |du|':>9}"
+        f"{'device':6} {'layers':>6} {'iters':>5} | {'fused ms':>9} {'loop ms':>9} {'x':>6} "
+        f"{'GFLOP/s':>8} {'max |du|':>9}"
     )
     for r in rows:
         print(
