@@ -5,7 +5,7 @@ References:
 """
 
 from impflow._extension import has_cuda_kernels
-from impflow import nn, ops, solvers
+from impflow import logdet, nn, ops, solvers
 
 __version__ = "0.1.0"
-__all__ = ["has_cuda_kernels", "nn", "ops", "solvers", "__version__"]
+__all__ = ["has_cuda_kernels", "logdet", "nn", "ops", "solvers", "__version__"]

@@ -1,0 +1,43 @@
+"""Estimators of ``log det(I + J_g(x))`` per sample (DESIGN.md §1).
+
+- :func:`exact_logdet`: brute-force Jacobian + ``slogdet`` (small per-sample dimension).
+- :func:`power_series_logdet`: exact-trace truncated power series (tests, small dimension).
+- :func:`roulette_logdet` / :class:`RouletteLogdet`: unbiased Russian roulette with Hutchinson
+  probes, optional Neumann-series gradient; statistics of the last draw in :class:`LogdetStats`.
+
+All vector-Jacobian products ``vᵀJ^k`` of the series estimators come from
+:func:`impflow.logdet.products.get_vjp_powers` (autograd unless a fused implementation is
+registered for the type of ``g``).
+
+References:
+    | Residual Flows for Invertible Generative Modeling (Chen et al., 2019)
+    | https://arxiv.org/abs/1906.02735
+
+    | Implicit Normalizing Flows (Lu et al., 2021)
+    | https://arxiv.org/abs/2103.09527
+"""
+
+from impflow.logdet._common import SeriesDivergenceError, SeriesDivergenceWarning
+from impflow.logdet.exact import batch_jacobian, exact_logdet, power_series_logdet
+from impflow.logdet.products import autograd_vjp_powers, get_vjp_powers, register_vjp_powers
+from impflow.logdet.roulette import (
+    LogdetStats,
+    RouletteLogdet,
+    roulette_logdet,
+    tail_probability,
+)
+
+__all__ = [
+    "LogdetStats",
+    "RouletteLogdet",
+    "SeriesDivergenceError",
+    "SeriesDivergenceWarning",
+    "autograd_vjp_powers",
+    "batch_jacobian",
+    "exact_logdet",
+    "get_vjp_powers",
+    "power_series_logdet",
+    "register_vjp_powers",
+    "roulette_logdet",
+    "tail_probability",
+]
