@@ -12,6 +12,8 @@
 #include <c10/cuda/CUDAGuard.h>
 #include <torch/library.h>
 
+#include "reductions.cuh"
+
 #include <limits>
 
 #include "impflow/broyden_checks.h"
@@ -22,12 +24,6 @@ namespace {
 
 constexpr int kBlockThreads = 256;
 constexpr int kWarp = 32;
-
-template <typename T>
-__device__ __forceinline__ T warp_sum(T x) {
-  for (int offset = kWarp / 2; offset > 0; offset /= 2) x += __shfl_down_sync(0xffffffffu, x, offset);
-  return x;
-}
 
 template <typename scalar_t, int GROUP>
 __global__ void __launch_bounds__(kBlockThreads)

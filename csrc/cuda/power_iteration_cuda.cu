@@ -10,6 +10,8 @@
 #include <c10/cuda/CUDAGuard.h>
 #include <torch/library.h>
 
+#include "reductions.cuh"
+
 #include <vector>
 
 #include "impflow/power_checks.h"
@@ -20,12 +22,6 @@ namespace {
 
 constexpr int kThreads = 256;
 constexpr int kWarp = 32;
-
-template <typename T>
-__device__ __forceinline__ T warp_sum(T x) {
-  for (int offset = kWarp / 2; offset > 0; offset /= 2) x += __shfl_down_sync(0xffffffffu, x, offset);
-  return x;
-}
 
 // Sum over the block; every thread gets the result. `scratch` holds kThreads / kWarp values.
 template <typename T>

@@ -8,6 +8,8 @@
 #include <c10/cuda/CUDAGuard.h>
 #include <torch/library.h>
 
+#include "reductions.cuh"
+
 #include <cmath>
 #include <limits>
 #include <tuple>
@@ -20,11 +22,6 @@ namespace {
 
 constexpr int kBlockThreads = 256;
 constexpr int kWarp = 32;
-
-__device__ __forceinline__ double warp_sum(double x) {
-  for (int offset = kWarp / 2; offset > 0; offset /= 2) x += __shfl_down_sync(0xffffffffu, x, offset);
-  return x;
-}
 
 template <typename scalar_t, int GROUP>
 __global__ void __launch_bounds__(kBlockThreads)
