@@ -17,13 +17,11 @@ References:
 
 from __future__ import annotations
 
-import copy
 import numbers
-from collections import OrderedDict
 from collections.abc import Sequence
 
-from torch import nn
 
+from impflow.nn._stack import LayerStack, fresh_activation
 from impflow.nn.activations import make_activation
 from impflow.nn.spectral import SpectralConv2d
 
@@ -72,7 +70,7 @@ def _check_input_size(input_size):
     return tuple(int(n) for n in pair)
 
 
-class LipschitzConvNet(nn.Sequential):
+class LipschitzConvNet(LayerStack):
     r"""``[(act,) SpectralConv2d, act, SpectralConv2d, act, …, SpectralConv2d]`` as an
     ``nn.Sequential``: the image network ``g`` of ResFlow / ImpFlow blocks.
 
@@ -155,17 +153,12 @@ class LipschitzConvNet(nn.Sequential):
         input_size = _check_input_size(input_size)
         make_activation(activation)  # validate once, before building anything
 
-        def new_activation():
-            if isinstance(activation, nn.Module):
-                return copy.deepcopy(activation)
-            return make_activation(activation)
-
         n = len(kernel_sizes)
         channels = [in_channels] + [hidden_channels] * (n - 1) + [in_channels]
-        layers = [new_activation()] if preactivation else []
+        layers = [fresh_activation(activation)] if preactivation else []
         for i, k in enumerate(kernel_sizes):
             if i > 0:
-                layers.append(new_activation())
+                layers.append(fresh_activation(activation))
             layers.append(
                 SpectralConv2d(
                     channels[i],
@@ -186,10 +179,3 @@ class LipschitzConvNet(nn.Sequential):
         self.kernel_sizes = kernel_sizes
         self.preactivation = preactivation
         self.coeff = layers[-1].coeff
-
-    def __getitem__(self, idx):
-        # nn.Sequential rebuilds a slice with ``type(self)(OrderedDict)``, which our constructor
-        # does not take: a slice is a plain nn.Sequential of the same modules.
-        if isinstance(idx, slice):
-            return nn.Sequential(OrderedDict(list(self._modules.items())[idx]))
-        return super().__getitem__(idx)

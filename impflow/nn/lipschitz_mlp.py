@@ -10,20 +10,18 @@ References:
 
 from __future__ import annotations
 
-import copy
 import numbers
-from collections import OrderedDict
 from collections.abc import Sequence
 
-from torch import nn
 
+from impflow.nn._stack import LayerStack, fresh_activation
 from impflow.nn.activations import make_activation
 from impflow.nn.spectral import SpectralLinear
 
 __all__ = ["LipschitzMLP"]
 
 
-class LipschitzMLP(nn.Sequential):
+class LipschitzMLP(LayerStack):
     r"""``[SpectralLinear, act, SpectralLinear, act, …, SpectralLinear]`` as an ``nn.Sequential``.
 
     Every weight is spectrally normalised to norm at most ``coeff`` and every activation is
@@ -69,10 +67,7 @@ class LipschitzMLP(nn.Sequential):
         layers = []
         for i, (d_in, d_out) in enumerate(zip(dims[:-1], dims[1:])):
             if i > 0:
-                if isinstance(activation, nn.Module):
-                    layers.append(copy.deepcopy(activation))
-                else:
-                    layers.append(make_activation(activation))
+                layers.append(fresh_activation(activation))
             layers.append(
                 SpectralLinear(
                     d_in,
@@ -86,10 +81,3 @@ class LipschitzMLP(nn.Sequential):
         super().__init__(*layers)
         self.dims = dims
         self.coeff = layers[0].coeff
-
-    def __getitem__(self, idx):
-        # nn.Sequential rebuilds a slice with ``type(self)(OrderedDict)``, which our constructor
-        # does not take: a slice is a plain nn.Sequential of the same modules.
-        if isinstance(idx, slice):
-            return nn.Sequential(OrderedDict(list(self._modules.items())[idx]))
-        return super().__getitem__(idx)
