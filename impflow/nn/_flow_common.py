@@ -1,0 +1,108 @@
+"""What the flow layers share: the checks of their inputs and of their sub-layers' outputs, and
+the per-sample shape a layer maps its input to (DESIGN.md §1: ``forward(x) -> (z, logdet)``,
+``inverse(z) -> (x, logdet_inv)``, ``logdet`` of shape ``(B,)``)."""
+
+from __future__ import annotations
+
+import math
+import numbers
+
+import torch
+from torch import Tensor, nn
+
+
+def check_flow_input(x, name: str, where: str, min_dim: int = 2, exact_dim: int | None = None):
+    """Raises a clear error unless ``x`` is a finite floating-point tensor of shape
+    ``(B, ...)`` with ``min_dim`` (or exactly ``exact_dim``) dimensions.
+
+    The finiteness test is one reduction (a device synchronisation on a GPU): NaN or Inf
+    entering a flow would otherwise come out as a silently wrong log-density."""
+    check_flow_tensor(x, name, where, min_dim, exact_dim)
+    check_finite(x, name, where)
+
+
+def check_flow_tensor(x, name: str, where: str, min_dim: int = 2, exact_dim: int | None = None):
+    """:func:`check_flow_input` without the finiteness test (no device synchronisation)."""
+    if not isinstance(x, Tensor):
+        raise TypeError(f"{where}: {name} must be a torch.Tensor, got {type(x).__name__}")
+    if not x.is_floating_point():
+        raise TypeError(f"{where}: {name} must be a floating-point tensor, got dtype {x.dtype}")
+    if exact_dim is not None and x.dim() != exact_dim:
+        raise ValueError(
+            f"{where}: {name} must have {exact_dim} dimensions, got shape {tuple(x.shape)}"
+        )
+    if x.dim() < min_dim:
+        raise ValueError(
+            f"{where}: {name} must have shape (B, ...) with at least {min_dim} dimensions "
+            f"(batch first), got shape {tuple(x.shape)}"
+        )
+
+
+def check_finite(x: Tensor, name: str, where: str) -> None:
+    if not bool(torch.isfinite(x).all()):
+        flat = per_sample(x.detach())
+        bad = (~torch.isfinite(flat)).any(1).nonzero().flatten()
+        raise ValueError(f"{where}: {name} contains NaN or Inf (samples {bad[:8].tolist()})")
+
+
+def check_flow_layer(layer, name: str) -> nn.Module:
+    """A flow layer is an ``nn.Module`` (so its parameters are registered) with ``inverse``."""
+    if not isinstance(layer, nn.Module):
+        raise TypeError(f"{name} must be an nn.Module flow layer, got {type(layer).__name__}")
+    if not callable(getattr(layer, "inverse", None)):
+        raise TypeError(
+            f"{name} ({type(layer).__name__}) must have an inverse(z) -> (x, logdet_inv) method"
+        )
+    return layer
+
+
+def check_layer_output(out, batch: int, where: str) -> tuple[Tensor, Tensor]:
+    """Unpacks a sub-layer's ``(tensor, logdet)`` and checks ``logdet`` has shape ``(batch,)``."""
+    if not (isinstance(out, tuple) and len(out) == 2):
+        raise TypeError(
+            f"{where} must return a pair (tensor, logdet), got {type(out).__name__}; flow layers "
+            "follow DESIGN.md §1"
+        )
+    y, logdet = out
+    if not isinstance(y, Tensor) or not isinstance(logdet, Tensor):
+        raise TypeError(f"{where} must return two tensors (tensor, logdet)")
+    if y.dim() == 0 or y.shape[0] != batch or logdet.shape != (batch,):
+        raise ValueError(
+            f"{where} must keep the batch size {batch} and return logdet of shape ({batch},), "
+            f"got tensor {tuple(y.shape)} and logdet {tuple(logdet.shape)}"
+        )
+    return y, logdet
+
+
+def check_shape(shape, name: str) -> tuple[int, ...]:
+    """A per-sample shape: a sequence of positive ints."""
+    if isinstance(shape, numbers.Integral) and not isinstance(shape, bool):
+        shape = (shape,)
+    try:
+        dims = tuple(shape)
+    except TypeError:
+        dims = None
+    if dims is None or any(
+        isinstance(d, bool) or not isinstance(d, numbers.Integral) or d < 1 for d in dims
+    ):
+        raise ValueError(f"{name} must be a sequence of positive ints, got {shape!r}")
+    return tuple(int(d) for d in dims)
+
+
+def output_shape_of(layer, shape: tuple[int, ...]) -> tuple[int, ...]:
+    """The per-sample shape ``layer.forward`` maps ``shape`` to: ``layer.output_shape(shape)``
+    where the layer defines it (shape-changing layers: Squeeze, SequentialFlow, MultiScale),
+    ``shape`` itself otherwise (flow layers keep the shape unless they say so)."""
+    method = getattr(layer, "output_shape", None)
+    return tuple(method(tuple(shape))) if callable(method) else tuple(shape)
+
+
+def per_sample(t: Tensor) -> Tensor:
+    """``t`` of shape ``(B, ...)`` as ``(B, n)`` (also for ``B = 0``, where ``-1`` is ambiguous)."""
+    return t.reshape(t.shape[0], math.prod(t.shape[1:]))
+
+
+def constant_logdet(value: Tensor, like: Tensor) -> Tensor:
+    """A per-sample log-det that is the same for every sample: ``value`` (0-d) broadcast to
+    ``(B,)`` as its own tensor (callers may add into it in place), in ``like``'s dtype."""
+    return value.to(like.dtype).reshape(1).expand(like.shape[0]).clone()
