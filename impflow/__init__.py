@@ -6,6 +6,16 @@ References:
 
 from impflow._extension import has_cuda_kernels
 from impflow import logdet, nn, ops, solvers
+from impflow.flow import Flow, bits_per_dim
 
 __version__ = "0.1.0"
-__all__ = ["has_cuda_kernels", "logdet", "nn", "ops", "solvers", "__version__"]
+__all__ = [
+    "Flow",
+    "bits_per_dim",
+    "has_cuda_kernels",
+    "logdet",
+    "nn",
+    "ops",
+    "solvers",
+    "__version__",
+]
