@@ -3,7 +3,8 @@
 - :func:`exact_logdet`: brute-force Jacobian + ``slogdet`` (small per-sample dimension).
 - :func:`power_series_logdet`: exact-trace truncated power series (tests, small dimension).
 - :func:`roulette_logdet` / :class:`RouletteLogdet`: unbiased Russian roulette with Hutchinson
-  probes, optional Neumann-series gradient; statistics of the last draw in :class:`LogdetStats`.
+  probes, optional Neumann-series gradient (``backward_in_forward=True``: taken in the forward
+  pass, graph freed, correct for any loss); statistics of the last draw in :class:`LogdetStats`.
 
 All vector-Jacobian products ``vᵀJ^k`` of the series estimators come from
 :func:`impflow.logdet.products.get_vjp_powers` (autograd unless a fused implementation is

@@ -18,7 +18,8 @@ class SeriesDivergenceError(RuntimeError):
 
 
 class SeriesDivergenceWarning(RuntimeWarning):
-    """Warning variant of :class:`SeriesDivergenceError` (``on_divergence="warn"``)."""
+    """Warning variant of :class:`SeriesDivergenceError` (``on_divergence="warn"``): the
+    estimate is still returned, and is flagged (``LogdetStats.diverged``) as untrustworthy."""
 
 
 _ON_DIVERGENCE = ("raise", "warn")
@@ -45,6 +46,7 @@ def check_on_divergence(value) -> str:
 def report_divergence(message: str, on_divergence: str) -> None:
     if on_divergence == "raise":
         raise SeriesDivergenceError(message)
+    # stacklevel 3: the caller of the estimator that calls this.
     warnings.warn(message, SeriesDivergenceWarning, stacklevel=3)
 
 
@@ -58,6 +60,9 @@ def check_input(x) -> None:
             f"x must have shape (B, ...) with at least one per-sample dimension, got shape "
             f"{tuple(x.shape)}; use x.unsqueeze(-1) for scalar samples"
         )
+    # Bad input, not a divergence of the series: refused whatever on_divergence says.
+    if not bool(torch.isfinite(x.detach()).all()):
+        raise ValueError("x contains NaN or Inf; the log-determinant needs finite inputs")
 
 
 def per_sample_dim(x: Tensor) -> int:
@@ -72,21 +77,27 @@ def resolve_create_graph(create_graph) -> bool:
     return create_graph
 
 
-def prepare(g, x: Tensor) -> tuple[Tensor, Tensor]:
+def prepare(g, x: Tensor, *, detach: bool = False, check_x: bool = True) -> tuple[Tensor, Tensor]:
     """Evaluates ``g`` on a private node ``x_in`` of ``x`` (call inside ``torch.enable_grad``).
 
     Derivatives are taken with respect to ``x_in``, never ``x`` itself: a gradient hook on
     ``x`` (e.g. a re-attached root in an implicit block, DESIGN.md §7) then does not fire
     inside the estimator's own ``autograd.grad`` calls, and ``x``'s gradient still flows
-    through ``x_in`` in the caller's backward pass.
+    through ``x_in`` in the caller's backward pass. With ``detach=True`` ``x_in`` is a
+    detached leaf instead (no path back to ``x``: the caller connects the gradient itself).
+    ``check_x=False`` skips :func:`check_input` (the caller ran it).
 
     Returns:
         ``(x_in, gx)`` with ``gx = g(x_in)``; ``gx.shape == x.shape`` is checked.
     """
-    check_input(x)
+    if check_x:
+        check_input(x)
     if not callable(g):
         raise TypeError(f"g must be callable (e.g. an nn.Module), got {type(g).__name__}")
-    x_in = x.view_as(x) if x.requires_grad else x.detach().requires_grad_(True)
+    if x.requires_grad and not detach:
+        x_in = x.view_as(x)
+    else:
+        x_in = x.detach().requires_grad_(True)
     gx = g(x_in)
     if not isinstance(gx, Tensor):
         raise TypeError(f"g must return a tensor, got {type(gx).__name__}")
