@@ -9,6 +9,8 @@ cd "$(dirname "$0")/.."
 py=.venv/bin/python
 "$py" -m pip install -q "${IMPFLOW_TORCH:-torch==2.14.1}"
 "$py" -m pip install -q numpy scipy pybind11 ninja setuptools wheel pytest expecttest
+# the training extras (pyproject.toml [train]); the data-loader tests need them
+"$py" -m pip install -q scikit-learn pandas h5py tqdm matplotlib
 # --no-build-isolation: compile against the torch just installed, never a second one.
 MAX_JOBS="${MAX_JOBS:-2}" "$py" -m pip install -q --no-build-isolation --no-deps -e .
 "$py" -c "import impflow, torch; print('impflow', impflow.__version__, 'on torch', torch.__version__, '| CUDA kernels:', impflow.has_cuda_kernels())"

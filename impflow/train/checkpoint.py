@@ -1,0 +1,421 @@
+"""Checkpoints that a crash cannot corrupt, and the random state a resumed run needs to continue
+exactly where it stopped.
+
+- :func:`save_checkpoint` writes to a temporary file in the checkpoint's folder, flushes and
+  fsyncs it, then renames it over the old checkpoint (``os.replace``, atomic on POSIX and
+  Windows): at every moment ``path`` holds either the previous complete checkpoint or the new
+  complete one. A failure while writing removes the temporary file and leaves ``path`` as it
+  was. (A process killed outright can leave a ``.<name>.*.tmp`` file behind, never a partial
+  ``path``.)
+- Checkpoints are read with ``torch.load(weights_only=True)``, which rebuilds tensors and plain
+  Python values only and runs no code from the file; :func:`save_checkpoint` therefore refuses
+  other values (numpy arrays, arbitrary objects) up front, naming where they are, rather than
+  writing a checkpoint that could not be read back.
+- :func:`load_checkpoint` turns a truncated, corrupt or foreign file into a
+  :class:`CheckpointError` that names the file, and a checkpoint written by a run with another
+  configuration into a :class:`CheckpointMismatchError` listing each difference;
+  :func:`load_module_state` does the same for parameter names and shapes.
+- :func:`capture_rng_state` / :func:`restore_rng_state` cover Python's ``random``, numpy's
+  global generator, torch's CPU generator, torch's CUDA generators (when CUDA is in use) and
+  any ``torch.Generator`` objects the run owns, as tensors and plain values.
+
+Exact resumption also needs every other piece of state saved (model, optimizer, scheduler,
+step counter, data order) and deterministic kernels (CPU kernels are; on CUDA see
+``torch.use_deterministic_algorithms``).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import math
+import os
+import random
+import tempfile
+import warnings
+from collections import OrderedDict
+from collections.abc import Mapping
+from pathlib import Path
+
+import numpy as np
+import torch
+from torch import Tensor, nn
+
+__all__ = [
+    "CheckpointError",
+    "CheckpointMismatchError",
+    "capture_rng_state",
+    "load_checkpoint",
+    "load_module_state",
+    "restore_rng_state",
+    "save_checkpoint",
+]
+
+_FORMAT = "impflow.checkpoint"
+_FORMAT_VERSION = 1
+# Values torch.load(weights_only=True) rebuilds (containers aside). Exact types: subclasses
+# such as numpy.float64 (a float) or an IntEnum pickle as something else.
+_PLAIN_TYPES = (type(None), bool, int, float, complex, str, bytes, torch.Size, torch.dtype)
+
+
+class CheckpointError(RuntimeError):
+    """A checkpoint file cannot be read: missing content, truncated, corrupt or foreign."""
+
+
+class CheckpointMismatchError(CheckpointError):
+    """A readable checkpoint that does not fit this run (configuration, parameter shapes)."""
+
+
+# ---------------------------------------------------------------------------------------------
+# Saving
+
+
+def _check_storable(value, where: str) -> None:
+    """Raises TypeError naming the first value weights_only loading would refuse."""
+    if isinstance(value, Tensor) or type(value) in _PLAIN_TYPES:
+        return
+    if type(value) in (dict, OrderedDict):  # subclasses (defaultdict, ...) would not load
+        for key, item in value.items():
+            if type(key) not in _PLAIN_TYPES:
+                raise TypeError(
+                    f"{where} has a key of type {type(key).__name__}; checkpoint keys must be "
+                    "str, int, float, bool or None"
+                )
+            _check_storable(item, f"{where}[{key!r}]")
+        return
+    if type(value) in (list, tuple):  # named tuples and other subclasses would not load
+        for i, item in enumerate(value):
+            _check_storable(item, f"{where}[{i}]")
+        return
+    hint = (
+        " (convert it with torch.from_numpy or .tolist())" if isinstance(value, np.ndarray) else ""
+    )
+    hint = hint or (" (use .item())" if isinstance(value, np.generic) else "")
+    raise TypeError(
+        f"{where} is a {type(value).__module__}.{type(value).__qualname__}, which a checkpoint "
+        f"cannot hold: only tensors, numbers, strings, bytes, None and dicts, lists and tuples "
+        f"of them are loadable with weights_only=True{hint}"
+    )
+
+
+def _first_non_finite(value, where: str) -> str | None:
+    if isinstance(value, Tensor):
+        if (value.is_floating_point() or value.is_complex()) and not bool(
+            torch.isfinite(value).all()
+        ):
+            return where
+    elif isinstance(value, float):
+        return None if math.isfinite(value) else where
+    elif isinstance(value, Mapping):
+        for key, item in value.items():
+            found = _first_non_finite(item, f"{where}[{key!r}]")
+            if found:
+                return found
+    elif isinstance(value, (list, tuple)):
+        for i, item in enumerate(value):
+            found = _first_non_finite(item, f"{where}[{i}]")
+            if found:
+                return found
+    return None
+
+
+def _file_mode() -> int:
+    """Permissions a plain ``open(path, "w")`` would give (mkstemp's are 0o600)."""
+    umask = os.umask(0)
+    os.umask(umask)
+    return 0o666 & ~umask
+
+
+def _fsync_directory(directory: Path) -> None:
+    """Makes the rename durable (POSIX); a no-op where directories cannot be opened."""
+    with contextlib.suppress(OSError, AttributeError):
+        fd = os.open(directory, os.O_RDONLY | getattr(os, "O_DIRECTORY", 0))
+        try:
+            os.fsync(fd)
+        finally:
+            os.close(fd)
+
+
+def save_checkpoint(path, state: Mapping, *, require_finite: bool = False) -> None:
+    """Writes ``state`` to ``path`` atomically (see the module docstring).
+
+    Args:
+        path: the checkpoint file (``str`` or ``os.PathLike``); its folder must exist.
+        state: a mapping of tensors and plain values (nested dicts, lists, tuples), e.g.
+            ``{"model": model.state_dict(), "optimizer": opt.state_dict(), "step": step,
+            "rng": capture_rng_state(), "config": {...}}``.
+        require_finite: refuse (ValueError, nothing written) when a floating tensor or float
+            in ``state`` is NaN or infinite, so a diverged run never replaces a good
+            checkpoint.
+
+    Raises:
+        TypeError: ``state`` holds a value a ``weights_only`` load could not rebuild.
+        ValueError: ``require_finite`` and a non-finite value (its location is named).
+        FileNotFoundError: the folder of ``path`` does not exist.
+    """
+    if not isinstance(state, Mapping):
+        raise TypeError(f"state must be a mapping (dict), got {type(state).__name__}")
+    state = dict(state)
+    _check_storable(state, "state")
+    if require_finite:
+        where = _first_non_finite(state, "state")
+        if where is not None:
+            raise ValueError(
+                f"{where} holds NaN or Inf; not saving, {os.fspath(path)} keeps its last good "
+                "checkpoint"
+            )
+    path = Path(os.fspath(path))
+    directory = path.parent
+    if not directory.is_dir():
+        raise FileNotFoundError(f"cannot save checkpoint {path}: folder {directory} does not exist")
+    if path.is_dir():
+        raise IsADirectoryError(f"cannot save checkpoint {path}: it is a folder")
+    payload = {"format": _FORMAT, "version": _FORMAT_VERSION, "state": state}
+    fd, tmp_name = tempfile.mkstemp(dir=directory, prefix=f".{path.name}.", suffix=".tmp")
+    try:
+        with os.fdopen(fd, "wb") as f:
+            torch.save(payload, f)
+            f.flush()
+            os.fsync(f.fileno())
+        os.chmod(tmp_name, _file_mode())
+        os.replace(tmp_name, path)
+    except BaseException:
+        with contextlib.suppress(OSError):
+            os.unlink(tmp_name)
+        raise
+    _fsync_directory(directory)
+
+
+# ---------------------------------------------------------------------------------------------
+# Loading
+
+
+def _same(a, b) -> bool:
+    if isinstance(a, Tensor) or isinstance(b, Tensor):
+        return (
+            isinstance(a, Tensor)
+            and isinstance(b, Tensor)
+            and a.shape == b.shape
+            and a.dtype == b.dtype
+            and torch.equal(a.cpu(), b.cpu())
+        )
+    if isinstance(a, (list, tuple)) and isinstance(b, (list, tuple)):
+        return len(a) == len(b) and all(_same(x, y) for x, y in zip(a, b))
+    if isinstance(a, Mapping) and isinstance(b, Mapping):
+        return a.keys() == b.keys() and all(_same(a[k], b[k]) for k in a)
+    try:
+        return bool(a == b)
+    except Exception:  # e.g. an ambiguous comparison: treat as different
+        return False
+
+
+def _describe(value) -> str:
+    if isinstance(value, Tensor):
+        return f"tensor of shape {tuple(value.shape)} and dtype {value.dtype}"
+    text = repr(value)
+    return text if len(text) <= 80 else text[:77] + "..."
+
+
+def _differences(saved, expected: Mapping, where: str) -> list[str]:
+    if not isinstance(saved, Mapping):
+        return [f"{where or 'the state'}: checkpoint has {_describe(saved)}, this run a mapping"]
+    found = []
+    for key, want in expected.items():
+        name = f"{where}.{key}" if where else str(key)
+        if key not in saved:
+            found.append(f"{name}: missing from the checkpoint (this run has {_describe(want)})")
+        elif isinstance(want, Mapping) and isinstance(saved[key], Mapping):
+            found.extend(_differences(saved[key], want, name))
+        elif not _same(saved[key], want):
+            found.append(
+                f"{name}: checkpoint has {_describe(saved[key])}, this run {_describe(want)}"
+            )
+    return found
+
+
+def load_checkpoint(path, *, expected: Mapping | None = None, map_location="cpu") -> dict:
+    """Reads a checkpoint written by :func:`save_checkpoint`.
+
+    Args:
+        path: the checkpoint file.
+        expected: entries the checkpoint must hold with these values, e.g.
+            ``{"config": {"dims": [2, 64, 2], "dataset": "moons"}}``. Nested mappings are
+            compared key by key (keys only in the checkpoint are ignored), lists and tuples
+            alike elementwise, tensors by shape, dtype and values, other values with ``==``.
+        map_location: as in ``torch.load`` (default: tensors on the CPU).
+
+    Returns:
+        the ``state`` dict that was saved.
+
+    Raises:
+        FileNotFoundError: ``path`` does not exist.
+        CheckpointError: the file is truncated, corrupt, or not such a checkpoint.
+        CheckpointMismatchError: an ``expected`` entry is missing or differs (all are listed).
+    """
+    path = Path(os.fspath(path))
+    if not path.exists():
+        raise FileNotFoundError(f"checkpoint {path} does not exist")
+    if not path.is_file():
+        raise CheckpointError(f"checkpoint {path} is not a file")
+    try:
+        payload = torch.load(path, map_location=map_location, weights_only=True)
+    except Exception as err:  # zip, pickle and weights_only errors all mean "unreadable"
+        reason = str(err).strip().splitlines()[0] if str(err).strip() else ""
+        raise CheckpointError(
+            f"checkpoint {path} is unreadable: truncated, corrupt, or not written by "
+            f"impflow's save_checkpoint ({type(err).__name__}: {reason[:200]})"
+        ) from err
+    if not (isinstance(payload, dict) and payload.get("format") == _FORMAT):
+        raise CheckpointError(
+            f"{path} is a torch file but not an impflow checkpoint (written by "
+            "impflow.train.checkpoint.save_checkpoint)"
+        )
+    if payload.get("version") != _FORMAT_VERSION:
+        raise CheckpointError(
+            f"checkpoint {path} has format version {payload.get('version')!r}; this impflow "
+            f"reads version {_FORMAT_VERSION}"
+        )
+    state = payload.get("state")
+    if not isinstance(state, dict):
+        raise CheckpointError(f"checkpoint {path} has no state dict")
+    if expected is not None:
+        if not isinstance(expected, Mapping):
+            raise TypeError(f"expected must be a mapping, got {type(expected).__name__}")
+        found = _differences(state, expected, "")
+        if found:
+            raise CheckpointMismatchError(
+                f"checkpoint {path} does not match this run:\n  " + "\n  ".join(found)
+            )
+    return state
+
+
+def load_module_state(module: nn.Module, state_dict: Mapping, *, what: str = "model") -> None:
+    """``module.load_state_dict(state_dict)`` after checking names and shapes, so a checkpoint
+    of another architecture gives one :class:`CheckpointMismatchError` listing every missing,
+    unexpected and differently shaped entry (and ``module`` is left untouched)."""
+    if not isinstance(state_dict, Mapping):
+        raise CheckpointMismatchError(
+            f"the checkpoint's {what} state must be a mapping, got {type(state_dict).__name__}"
+        )
+    own = module.state_dict()
+    problems = [f"missing from the checkpoint: {key}" for key in own if key not in state_dict]
+    problems += [f"not in the {what}: {key}" for key in state_dict if key not in own]
+    for key, mine in own.items():
+        theirs = state_dict.get(key)
+        if isinstance(mine, Tensor) and isinstance(theirs, Tensor) and mine.shape != theirs.shape:
+            problems.append(
+                f"{key}: checkpoint shape {tuple(theirs.shape)}, {what} shape {tuple(mine.shape)}"
+            )
+    if problems:
+        shown = problems[:20] + (
+            [f"... and {len(problems) - 20} more"] if len(problems) > 20 else []
+        )
+        raise CheckpointMismatchError(
+            f"the checkpoint's {what} state does not fit this {what}:\n  " + "\n  ".join(shown)
+        )
+    module.load_state_dict(state_dict, strict=True)
+
+
+# ---------------------------------------------------------------------------------------------
+# Random state
+
+
+def capture_rng_state(generators: Mapping[str, torch.Generator] | None = None) -> dict:
+    """The state of every random number generator a run draws from, storable in a checkpoint.
+
+    Args:
+        generators: the run's own ``torch.Generator`` objects by name (e.g. the data
+            sampler's), saved too.
+
+    Returns:
+        ``{"python", "numpy", "torch", "cuda" (only when CUDA is initialised), "generators"}``,
+        tensors and plain values only.
+    """
+    version, internal, gauss_next = random.getstate()
+    name, keys, pos, has_gauss, cached_gaussian = np.random.get_state(legacy=True)
+    state = {
+        "python": (version, tuple(internal), gauss_next),
+        "numpy": {
+            "name": str(name),
+            "keys": torch.from_numpy(np.asarray(keys, dtype=np.int64)),
+            "pos": int(pos),
+            "has_gauss": int(has_gauss),
+            "cached_gaussian": float(cached_gaussian),
+        },
+        "torch": torch.get_rng_state(),
+        "generators": {},
+    }
+    # Reading CUDA states would initialise CUDA; a run that never did has drawn nothing there.
+    if torch.cuda.is_available() and torch.cuda.is_initialized():
+        state["cuda"] = [s.cpu() for s in torch.cuda.get_rng_state_all()]
+    for key, gen in (generators or {}).items():
+        if not isinstance(gen, torch.Generator):
+            raise TypeError(
+                f"generators[{key!r}] must be a torch.Generator, got {type(gen).__name__}"
+            )
+        state["generators"][str(key)] = gen.get_state()
+    return state
+
+
+def _rng_part(state: Mapping, key: str):
+    if key not in state:
+        raise CheckpointError(f"the saved random state has no {key!r} entry")
+    return state[key]
+
+
+def restore_rng_state(
+    state: Mapping, generators: Mapping[str, torch.Generator] | None = None
+) -> None:
+    """Puts every generator back in the state :func:`capture_rng_state` recorded.
+
+    Args:
+        state: what :func:`capture_rng_state` returned (possibly through a checkpoint).
+        generators: the run's own generators by name; each must have been captured.
+
+    Warns:
+        RuntimeWarning: the state holds CUDA generator states that cannot be restored here
+        (no CUDA, or another number of devices): CUDA draws will then differ.
+    """
+    if not isinstance(state, Mapping):
+        raise CheckpointError(
+            f"the saved random state must be a mapping, got {type(state).__name__}"
+        )
+    try:
+        version, internal, gauss_next = _rng_part(state, "python")
+        random.setstate((version, tuple(internal), gauss_next))
+        saved = _rng_part(state, "numpy")
+        np.random.set_state(
+            (
+                saved["name"],
+                saved["keys"].numpy().astype(np.uint32),
+                saved["pos"],
+                saved["has_gauss"],
+                saved["cached_gaussian"],
+            )
+        )
+        torch.set_rng_state(_rng_part(state, "torch"))
+    except (TypeError, ValueError, KeyError, AttributeError, RuntimeError) as err:
+        if isinstance(err, CheckpointError):
+            raise
+        raise CheckpointError(
+            f"the saved random state is malformed ({type(err).__name__}: {err})"
+        ) from err
+    cuda = state.get("cuda")
+    if cuda is not None:
+        if torch.cuda.is_available() and torch.cuda.device_count() == len(cuda):
+            torch.cuda.set_rng_state_all(cuda)
+        else:
+            have = torch.cuda.device_count() if torch.cuda.is_available() else 0
+            warnings.warn(
+                f"the checkpoint holds the random state of {len(cuda)} CUDA device(s) but this "
+                f"process has {have}: CUDA random draws will not continue exactly",
+                RuntimeWarning,
+                stacklevel=2,
+            )
+    saved_generators = state.get("generators", {})
+    for key, gen in (generators or {}).items():
+        if key not in saved_generators:
+            raise CheckpointError(
+                f"the saved random state has no generator {key!r}; it has "
+                f"{sorted(saved_generators) or 'none'}"
+            )
+        gen.set_state(saved_generators[key])
