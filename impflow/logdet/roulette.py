@@ -45,7 +45,7 @@ from impflow.logdet._common import (
     report_divergence,
     resolve_create_graph,
 )
-from impflow.logdet.products import get_vjp_powers
+from impflow.logdet.products import forward_recording, get_vjp_powers, get_vjp_series
 
 __all__ = ["LogdetStats", "RouletteLogdet", "roulette_logdet"]
 
@@ -198,7 +198,7 @@ def roulette_logdet(
     p, lam = float(p), float(lam)
     create_graph = resolve_create_graph(create_graph)
 
-    with torch.enable_grad():
+    with torch.enable_grad(), forward_recording(g):
         x_in, gx = prepare(g, x)
         create_graph = create_graph and module_needs_graph(g, x)
         n_extra = _sample_count(distribution, p, lam, generator)
@@ -206,32 +206,40 @@ def roulette_logdet(
         coeffs = [
             1.0 / tail_probability(k - n_exact_terms, distribution, p, lam) for k in range(n + 1)
         ]
+        # Weight of vᵀJ^k v in the estimate, and of vᵀJ^k in the Neumann vector, k = 1..n.
+        term_weights = x.new_tensor([(-1) ** (k + 1) / k * coeffs[k] for k in range(1, n + 1)])
+        neumann_weights = x.new_tensor([(-1) ** k * coeffs[k] for k in range(1, n + 1)])
+        vjp_series = get_vjp_series(g)
         vjp_powers = get_vjp_powers(g)
         use_neumann = neumann_grad and create_graph
 
         total = None
-        term_sums = [0.0] * n
+        term_sums = torch.zeros(n, dtype=torch.float64)
         growth = float("nan")
         for _ in range(n_samples):
             v = _probe(x, probe, generator)
-            ws = vjp_powers(g, x_in, gx, v, n, create_graph=create_graph and not use_neumann)
-            value = torch.zeros(x.shape[0], dtype=x.dtype, device=x.device)
-            for k, w in enumerate(ws, start=1):
-                term = ((-1) ** (k + 1) / k * coeffs[k]) * _dot(w, v)
-                term_sums[k - 1] += float(term.detach().mean())
-                value = value + term
+            if n >= 1:
+                res = vjp_series(
+                    g, x_in, gx, v, n, term_weights, create_graph=create_graph and not use_neumann
+                )
+                ws, value = res.products, res.series
+                term_sums += (term_weights[:, None] * res.traces.detach()).mean(1).double().cpu()
+            else:
+                ws = x.new_zeros((0, *x.shape))
+                value = torch.zeros(x.shape[0], dtype=x.dtype, device=x.device)
             if use_neumann:
-                neumann_w = v
-                for k, w in enumerate(ws, start=1):
-                    neumann_w = neumann_w + ((-1) ** k * coeffs[k]) * w
+                shape = (n,) + (1,) * x.dim()
+                neumann_w = v + (neumann_weights.reshape(shape) * ws).sum(0)
                 (jw,) = vjp_powers(g, x_in, gx, neumann_w.detach(), 1, create_graph=True)
                 surrogate = _dot(jw, v)
                 value = value.detach() + (surrogate - surrogate.detach())
             total = value if total is None else total + value
 
             with torch.no_grad():
-                norms = [v.flatten(1).norm(dim=1)] + [w.detach().flatten(1).norm(dim=1) for w in ws]
-                if not all(torch.isfinite(t).all() for t in norms):
+                norms = torch.cat(
+                    [v.flatten(1).norm(dim=1)[None], ws.detach().flatten(2).norm(dim=2)]
+                )
+                if not torch.isfinite(norms).all():
                     report_divergence(
                         "a vector-Jacobian product of the log-det series is not finite: g is "
                         "not contractive (Lip(g) < 1 is required)",
@@ -268,7 +276,7 @@ def roulette_logdet(
         mean=float(est.mean()),
         second_moment=float((est * est).mean()),
         growth=growth,
-        term_means=tuple(s / n_samples for s in term_sums),
+        term_means=tuple(s / n_samples for s in term_sums.tolist()),
     )
     return estimate, stats
 
