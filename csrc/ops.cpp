@@ -21,6 +21,14 @@ TORCH_LIBRARY(impflow, m) {
   // n power-iteration steps for each matrix of a list; the vectors are updated in place.
   m.def("power_iteration(Tensor[] weights, Tensor(a!)[] us, Tensor(b!)[] vs, int n_iterations) "
         "-> Tensor");
+  // The vector-Jacobian products v^T J^k (k = 1..n_terms) of an MLP with the given (normalised)
+  // weights and activation derivatives, their trace terms v^T J^k v and sum_k coeffs[k] * trace.
+  m.def("mlp_vjp_series(Tensor[] weights, Tensor[] act_derivs, Tensor v, Tensor coeffs, "
+        "int n_terms) -> (Tensor products, Tensor traces, Tensor series)");
+  // Its backward (first order; the gradient with respect to coeffs is left to the caller).
+  m.def("mlp_vjp_series_backward(Tensor grad_products, Tensor grad_traces, Tensor grad_series, "
+        "Tensor[] weights, Tensor[] act_derivs, Tensor v, Tensor coeffs, Tensor products) "
+        "-> (Tensor[] grad_weights, Tensor[] grad_act_derivs, Tensor grad_v)");
 }
 
 at::Tensor broyden_step(at::Tensor& U, at::Tensor& V, const at::Tensor& dz, const at::Tensor& dF,
@@ -54,6 +62,33 @@ at::Tensor power_iteration(at::TensorList weights, at::TensorList us, at::Tensor
                        .findSchemaOrThrow("impflow::power_iteration", "")
                        .typed<at::Tensor(at::TensorList, at::TensorList, at::TensorList, int64_t)>();
   return op.call(weights, us, vs, n_iterations);
+}
+
+std::tuple<at::Tensor, at::Tensor, at::Tensor> mlp_vjp_series(at::TensorList weights,
+                                                              at::TensorList act_derivs,
+                                                              const at::Tensor& v,
+                                                              const at::Tensor& coeffs,
+                                                              int64_t n_terms) {
+  static auto op = c10::Dispatcher::singleton()
+                       .findSchemaOrThrow("impflow::mlp_vjp_series", "")
+                       .typed<std::tuple<at::Tensor, at::Tensor, at::Tensor>(
+                           at::TensorList, at::TensorList, const at::Tensor&, const at::Tensor&,
+                           int64_t)>();
+  return op.call(weights, act_derivs, v, coeffs, n_terms);
+}
+
+std::tuple<std::vector<at::Tensor>, std::vector<at::Tensor>, at::Tensor> mlp_vjp_series_backward(
+    const at::Tensor& grad_products, const at::Tensor& grad_traces, const at::Tensor& grad_series,
+    at::TensorList weights, at::TensorList act_derivs, const at::Tensor& v,
+    const at::Tensor& coeffs, const at::Tensor& products) {
+  static auto op =
+      c10::Dispatcher::singleton()
+          .findSchemaOrThrow("impflow::mlp_vjp_series_backward", "")
+          .typed<std::tuple<std::vector<at::Tensor>, std::vector<at::Tensor>, at::Tensor>(
+              const at::Tensor&, const at::Tensor&, const at::Tensor&, at::TensorList,
+              at::TensorList, const at::Tensor&, const at::Tensor&, const at::Tensor&)>();
+  return op.call(grad_products, grad_traces, grad_series, weights, act_derivs, v, coeffs,
+                 products);
 }
 
 bool compiled_with_cuda() {

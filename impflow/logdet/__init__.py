@@ -7,8 +7,9 @@
   pass, graph freed, correct for any loss); statistics of the last draw in :class:`LogdetStats`.
 
 All vector-Jacobian products ``vᵀJ^k`` of the series estimators come from
-:func:`impflow.logdet.products.get_vjp_powers` (autograd unless a fused implementation is
-registered for the type of ``g``).
+:mod:`impflow.logdet.products` (autograd unless a fused implementation is registered for the
+type of ``g``: :class:`impflow.nn.LipschitzMLP` uses the fused op
+:func:`impflow.ops.mlp_vjp_series`; :func:`autograd_products` forces autograd).
 
 References:
     | Residual Flows for Invertible Generative Modeling (Chen et al., 2019)
@@ -20,7 +21,17 @@ References:
 
 from impflow.logdet._common import SeriesDivergenceError, SeriesDivergenceWarning
 from impflow.logdet.exact import batch_jacobian, exact_logdet, power_series_logdet
-from impflow.logdet.products import autograd_vjp_powers, get_vjp_powers, register_vjp_powers
+from impflow.logdet.products import (
+    VJPSeries,
+    autograd_products,
+    autograd_vjp_powers,
+    autograd_vjp_series,
+    forward_recording,
+    get_vjp_powers,
+    get_vjp_series,
+    register_vjp_powers,
+)
+from impflow.logdet import fused_mlp  # noqa: F401  (registers the fused op for LipschitzMLP)
 from impflow.logdet.roulette import (
     LogdetStats,
     RouletteLogdet,
@@ -30,13 +41,18 @@ from impflow.logdet.roulette import (
 
 __all__ = [
     "LogdetStats",
+    "VJPSeries",
     "RouletteLogdet",
     "SeriesDivergenceError",
     "SeriesDivergenceWarning",
+    "autograd_products",
     "autograd_vjp_powers",
+    "autograd_vjp_series",
     "batch_jacobian",
     "exact_logdet",
+    "forward_recording",
     "get_vjp_powers",
+    "get_vjp_series",
     "power_series_logdet",
     "register_vjp_powers",
     "roulette_logdet",

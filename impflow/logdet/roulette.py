@@ -53,7 +53,7 @@ from impflow.logdet._common import (
     resolve_create_graph,
 )
 from impflow.logdet._module_state import StateSnapshot, parameter_aliases, trainable_parameters
-from impflow.logdet.products import get_vjp_powers
+from impflow.logdet.products import forward_recording, get_vjp_powers, get_vjp_series
 
 __all__ = ["LogdetStats", "RouletteLogdet", "roulette_logdet"]
 
@@ -170,21 +170,13 @@ def _check_flags(neumann_grad, backward_in_forward) -> None:
         )
 
 
-def _neumann_vector(v: Tensor, ws: list[Tensor], coeffs: list[float]) -> Tensor:
-    """``w = Σ_{k=0}^{n} (-1)^k c_k vᵀJ^k``, without graph."""
-    w = v
-    for k, wk in enumerate(ws, start=1):
-        w = w + ((-1) ** k * coeffs[k]) * wk
-    return w.detach()
-
-
-def _measure(v: Tensor, ws: list[Tensor]) -> tuple[Tensor, Tensor | None]:
+def _measure(v: Tensor, ws: Tensor) -> tuple[Tensor, Tensor | None]:
     """Per sample: whether every product is finite, and ``‖vᵀJ^n‖ / ‖vᵀJ^{n-1}‖`` (0 when the
-    previous norm is 0, ``None`` without products)."""
+    previous norm is 0, ``None`` without products). ``ws``: the products stacked, (n, *v.shape)."""
     with torch.no_grad():
-        norms = [v.flatten(1).norm(dim=1)] + [w.detach().flatten(1).norm(dim=1) for w in ws]
-        finite = torch.stack([torch.isfinite(t) for t in norms]).all(0)
-        if not ws:
+        norms = torch.cat([v.flatten(1).norm(dim=1)[None], ws.detach().flatten(2).norm(dim=2)])
+        finite = torch.isfinite(norms).all(0)
+        if len(ws) == 0:
             return finite, None
         prev, last = norms[-2], norms[-1]
         ratio = torch.where(prev > 0, last / prev.clamp(min=1e-300), torch.zeros_like(last))
@@ -293,7 +285,7 @@ def roulette_logdet(
     # fires) and on a detached leaf of x.
     aliasing = parameter_aliases(g, params) if use_bif else contextlib.nullcontext([])
 
-    with torch.enable_grad(), aliasing as aliases:
+    with torch.enable_grad(), aliasing as aliases, forward_recording(g):
         snapshot = StateSnapshot(g, x.device) if use_bif else None  # before g runs
         x_in, gx = prepare(g, x, detach=use_bif, check_x=False)
         n_extra = _sample_count(distribution, p, lam, generator)
@@ -301,24 +293,32 @@ def roulette_logdet(
         coeffs = [
             1.0 / tail_probability(k - n_exact_terms, distribution, p, lam) for k in range(n + 1)
         ]
+        # Weight of vᵀJ^k v in the estimate, and of vᵀJ^k in the Neumann vector, k = 1..n.
+        term_weights = x.new_tensor([(-1) ** (k + 1) / k * coeffs[k] for k in range(1, n + 1)])
+        neumann_weights = x.new_tensor([(-1) ** k * coeffs[k] for k in range(1, n + 1)])
+        vjp_series = get_vjp_series(g)
         vjp_powers = get_vjp_powers(g)
 
         total = None
-        term_sums = [0.0] * n
+        term_sums = torch.zeros(n, dtype=torch.float64)
         growth = float("nan")
         n_nonfinite = n_growing = 0
         pairs = []
         for _ in range(n_samples):
             v = _probe(x, probe, generator)
-            ws = vjp_powers(g, x_in, gx, v, n, create_graph=create_graph and not use_neumann)
-            value = torch.zeros(x.shape[0], dtype=x.dtype, device=x.device)
-            for k, w in enumerate(ws, start=1):
-                term = ((-1) ** (k + 1) / k * coeffs[k]) * _dot(w, v)
-                term_sums[k - 1] += float(term.detach().mean())
-                value = value + term
+            if n >= 1:
+                res = vjp_series(
+                    g, x_in, gx, v, n, term_weights, create_graph=create_graph and not use_neumann
+                )
+                ws, value = res.products, res.series
+                term_sums += (term_weights[:, None] * res.traces.detach()).mean(1).double().cpu()
+            else:
+                ws = x.new_zeros((0, *x.shape))
+                value = torch.zeros(x.shape[0], dtype=x.dtype, device=x.device)
             if use_neumann:
                 value = value.detach()
-                neumann_w = _neumann_vector(v, ws, coeffs)
+                shape = (n,) + (1,) * x.dim()
+                neumann_w = (v + (neumann_weights.reshape(shape) * ws).sum(0)).detach()
                 if use_bif:
                     pairs.append((v, neumann_w))
                 else:
@@ -367,7 +367,7 @@ def roulette_logdet(
         mean=float(est.mean()),
         second_moment=float((est * est).mean()),
         growth=growth,
-        term_means=tuple(s / n_samples for s in term_sums),
+        term_means=tuple(s / n_samples for s in term_sums.tolist()),
         diverged=message is not None,
     )
     return estimate, stats

@@ -6,7 +6,12 @@ serve as the ground truth in tests and as the baseline in benchmarks.
 
 import torch
 
-__all__ = ["broyden_step_reference", "broyden_matvec", "broyden_rmatvec"]
+__all__ = [
+    "broyden_step_reference",
+    "broyden_matvec",
+    "broyden_rmatvec",
+    "mlp_vjp_series_reference",
+]
 
 
 def broyden_matvec(U: torch.Tensor, V: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
@@ -147,3 +152,37 @@ def power_iteration_reference(weights, us, vs, n_iterations):
 
 def _normalize(x):
     return x / x.norm().clamp_min(1e-12)
+
+
+def mlp_vjp_series_reference(weights, act_derivs, v, coeffs, n_terms):
+    """Vector-Jacobian products of an MLP, their trace terms and a weighted series of them.
+
+    For ``g(x) = W_L s(… s(W_1 x + b_1) …) + b_L`` the per-sample Jacobian is
+    ``J = W_L D_{L-1} W_{L-1} … D_1 W_1`` with ``D_i = diag(s'(z_i))`` at the pre-activations
+    ``z_i``. One step takes the row vector ``u`` to
+    ``uJ = ((u W_L) ⊙ d_{L-1}) W_{L-1} … ⊙ d_1) W_1``.
+    Differentiable by autograd with respect to every tensor input.
+
+    Args:
+        weights: ``L ≥ 1`` matrices, ``weights[i]`` of shape ``(h_{i+1}, h_i)``, ``h_0 = h_L = d``.
+        act_derivs: ``L - 1`` tensors ``(B, h_{i+1})``, the rows ``d_{i+1}`` of the ``D``'s.
+        v: ``(B, d)`` probes.
+        coeffs: ``(n_terms,)`` series coefficients.
+        n_terms: number of products ``n ≥ 1``.
+
+    Returns:
+        ``(products, traces, series)``: ``(n, B, d)`` with ``products[k-1] = vᵀJᵏ``; ``(n, B)``
+        with ``traces[k-1] = vᵀJᵏv``; ``(B,)`` ``Σ_k coeffs[k-1] traces[k-1]``.
+    """
+    products = []
+    u = v
+    for _ in range(n_terms):
+        for i in range(len(weights) - 1, -1, -1):
+            u = u @ weights[i]
+            if i > 0:
+                u = u * act_derivs[i - 1]
+        products.append(u)
+    products = torch.stack(products)
+    traces = (products * v).sum(-1)
+    series = (coeffs[:, None] * traces).sum(0)
+    return products, traces, series

@@ -5,6 +5,7 @@
 #include <ATen/ATen.h>
 
 #include <tuple>
+#include <vector>
 
 namespace impflow {
 
@@ -33,6 +34,24 @@ std::tuple<at::Tensor, at::Tensor> solver_track(const at::Tensor& z, const at::T
 // place; returns sigma_l = u_l^T W_l v_l, shape (L,).
 at::Tensor power_iteration(at::TensorList weights, at::TensorList us, at::TensorList vs,
                            int64_t n_iterations);
+
+// The series of vector-Jacobian products of an MLP g(x) = W_L s(... s(W_1 x + b_1)) + b_L
+// (see mlp_vjp_series_math.h): per sample J = W_L D_{L-1} ... D_1 W_1, D_i = diag(act_derivs[i]).
+// weights[i]: (h_{i+1}, h_i), h_0 = h_L = d; act_derivs[i]: (B, h_{i+1}); v: (B, d);
+// coeffs: (n_terms,); n_terms >= 1. Returns products (n_terms, B, d) with products[k-1] = v^T J^k,
+// traces (n_terms, B) = v^T J^k v, and series (B,) = sum_k coeffs[k-1] traces[k-1].
+std::tuple<at::Tensor, at::Tensor, at::Tensor> mlp_vjp_series(at::TensorList weights,
+                                                              at::TensorList act_derivs,
+                                                              const at::Tensor& v,
+                                                              const at::Tensor& coeffs,
+                                                              int64_t n_terms);
+
+// Gradients of a loss with respect to weights, act_derivs and v, given its gradients with
+// respect to the three outputs of mlp_vjp_series (products: that call's first output).
+std::tuple<std::vector<at::Tensor>, std::vector<at::Tensor>, at::Tensor> mlp_vjp_series_backward(
+    const at::Tensor& grad_products, const at::Tensor& grad_traces, const at::Tensor& grad_series,
+    at::TensorList weights, at::TensorList act_derivs, const at::Tensor& v,
+    const at::Tensor& coeffs, const at::Tensor& products);
 
 // True when this build carries CUDA kernels.
 bool compiled_with_cuda();

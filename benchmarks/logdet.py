@@ -1,0 +1,290 @@
+"""Benchmark: the log-det series of a LipschitzMLP with the fused Hutchinson op
+(``impflow.ops.mlp_vjp_series``) against autograd products, side by side in one run.
+
+g = LipschitzMLP([d, 128, 128, d], "sin"), B = 1000 samples, 10 series terms, one Rademacher
+probe, per-sample dimension d = 2, 16, 64. Modes (each timed for both product paths):
+
+  series    the products vᵀJ^k, their traces and the weighted sum alone (no estimator around
+            them, no graph): what the fused op replaces
+  eval      roulette_logdet under no_grad (evaluation)
+  graph     roulette_logdet with a graph through all products, then backward (training
+            without memory savings)
+  neumann   roulette_logdet(neumann_grad=True), then backward: products without graph, one
+            product with graph (the Neumann-series gradient)
+
+Backward-in-forward is not implemented in impflow yet, so it has no mode here.
+
+For every row: median wall time (calls of the two paths interleaved, so that load on a
+shared machine hits both alike), peak memory of the call, and the memory the estimate
+holds between forward and backward (its graph). Memory: torch.cuda.max_memory_allocated on
+CUDA; on CPU the allocations recorded by the torch profiler (tracemalloc cannot see tensor
+memory, which torch allocates outside Python's allocator). The series always uses 10 terms:
+the roulette draws a Poisson(1e-9) number of extra terms, i.e. none (checked).
+
+    python benchmarks/logdet.py                 # CPU, and CUDA when present
+    python benchmarks/logdet.py --quick         # small sizes, a smoke run
+    python benchmarks/logdet.py --threads 1     # one CPU thread (steadier on a shared machine)
+"""
+
+import argparse
+import os
+import statistics
+import sys
+import time
+
+import torch
+
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+
+import impflow  # noqa: E402
+import impflow.logdet as L  # noqa: E402
+import impflow.nn as inn  # noqa: E402
+from _timing import machine_facts, synchronize, write_json  # noqa: E402
+
+DIMS = [2, 16, 64]
+QUICK_DIMS = [2, 16]
+MODES = ["series", "eval", "graph", "neumann"]
+N_TERMS = 10
+IMPLS = ("fused", "autograd")
+
+
+def make_case(d, batch, hidden, layers, device, seed=0):
+    torch.manual_seed(seed)
+    g = inn.LipschitzMLP([d] + [hidden] * layers + [d], activation="sin", coeff=0.9)
+    g = g.to(device).eval()  # eval: no power iterations, the same weights for every call
+    x = torch.randn(batch, d, device=device)
+    return g, x
+
+
+def estimator_kwargs(mode):
+    return {
+        "n_exact_terms": N_TERMS,
+        "distribution": "poisson",
+        "lam": 1e-9,
+        "neumann_grad": mode == "neumann",
+        "return_stats": True,
+    }
+
+
+def make_call(mode, impl, g, x, v):
+    """``(forward, backward)``: forward returns what backward needs (or None); ``v`` is the
+    probe of the series mode."""
+    force = L.autograd_products if impl == "autograd" else None
+
+    def within(fn):
+        if force is None:
+            return fn()
+        with force():
+            return fn()
+
+    if mode == "series":
+        coeffs = torch.tensor([(-1) ** (k + 1) / k for k in range(1, N_TERMS + 1)], device=x.device)
+
+        def forward():
+            def run():
+                with torch.enable_grad(), L.forward_recording(g):
+                    x_in = x.detach().requires_grad_(True)
+                    gx = g(x_in)
+                    return L.get_vjp_series(g)(
+                        g, x_in, gx, v, N_TERMS, coeffs, create_graph=False
+                    ).series
+
+            return within(run)
+
+        return forward, None
+
+    def forward():
+        def run():
+            if mode == "eval":
+                with torch.no_grad():
+                    out, stats = L.roulette_logdet(g, x, **estimator_kwargs(mode))
+            else:
+                out, stats = L.roulette_logdet(g, x, create_graph=True, **estimator_kwargs(mode))
+            assert stats.n_terms == N_TERMS, stats.n_terms
+            return out
+
+        return within(run)
+
+    def backward(out):
+        out.sum().backward()
+        g.zero_grad(set_to_none=True)
+
+    return forward, (None if mode == "eval" else backward)
+
+
+def run_once(forward, backward):
+    out = forward()
+    if backward is not None:
+        backward(out)
+
+
+def interleaved_medians(calls, device, min_seconds, min_repeats=5, warmup=2):
+    """Median seconds of each call; one call of each per round, so drifting load on a shared
+    machine affects all of them alike."""
+    for _ in range(warmup):
+        for call in calls:
+            call()
+    synchronize(device)
+    times = [[] for _ in calls]
+    start = time.perf_counter()
+    while len(times[0]) < min_repeats or time.perf_counter() - start < min_seconds:
+        for call, record in zip(calls, times):
+            t0 = time.perf_counter()
+            call()
+            synchronize(device)
+            record.append(time.perf_counter() - t0)
+    return [statistics.median(t) for t in times], len(times[0])
+
+
+def cpu_allocations(fn):
+    """Signed sizes (bytes) of the CPU allocations and frees during ``fn()``, in order, from
+    the torch profiler; ``None`` where this torch does not expose them."""
+    from torch.profiler import ProfilerActivity, profile
+
+    with profile(activities=[ProfilerActivity.CPU], profile_memory=True) as prof:
+        fn()
+    try:
+        allocation = torch._C._profiler._EventType.Allocation
+        events, stack = [], list(prof.profiler.kineto_results.experimental_event_tree())
+        while stack:
+            node = stack.pop()
+            stack.extend(node.children)
+            if node.tag == allocation and node.extra_fields.device.type == "cpu":
+                events.append((node.start_time_ns, node.extra_fields.alloc_size))
+    except (AttributeError, RuntimeError):
+        return None
+    return [size for _, size in sorted(events)]
+
+
+def memory(forward, backward, device):
+    """``(peak, held)`` in bytes: the most memory allocated at once during forward + backward
+    (over what was allocated before), and what the forward's result holds until backward."""
+    if torch.device(device).type == "cuda":
+        synchronize(device)
+        torch.cuda.reset_peak_memory_stats(device)
+        base = torch.cuda.memory_allocated(device)
+        out = forward()
+        held = torch.cuda.memory_allocated(device) - base
+        if backward is not None:
+            backward(out)
+        del out
+        synchronize(device)
+        return torch.cuda.max_memory_allocated(device) - base, held
+    box = {}
+
+    def forward_only():
+        box["out"] = forward()
+
+    sizes = cpu_allocations(forward_only)
+    rest = cpu_allocations(lambda: backward(box.pop("out")) if backward else box.pop("out"))
+    if sizes is None or rest is None:
+        return float("nan"), float("nan")
+    held, peak, level = sum(sizes), 0, 0
+    for size in sizes + rest:
+        level += size
+        peak = max(peak, level)
+    return peak, held
+
+
+def bench(device, d, mode, batch, hidden, layers, min_seconds):
+    g, x = make_case(d, batch, hidden, layers, device)
+    v = torch.randint(0, 2, x.shape, device=device).to(x.dtype) * 2 - 1  # Rademacher
+    calls = {impl: make_call(mode, impl, g, x, v) for impl in IMPLS}
+    # Both paths compute the same estimate (same probes: same generator state in series mode).
+    outs = {}
+    for impl, (forward, _) in calls.items():
+        torch.manual_seed(1)
+        out = forward()
+        outs[impl] = out.detach().double()
+    difference = float((outs["fused"] - outs["autograd"]).abs().max())
+    scale = float(outs["autograd"].abs().max())
+    seconds, repeats = interleaved_medians(
+        [lambda f=f, b=b: run_once(f, b) for f, b in calls.values()], device, min_seconds
+    )
+    row = {
+        "device": device,
+        "d": d,
+        "mode": mode,
+        "B": batch,
+        "hidden": [hidden] * layers,
+        "n_terms": N_TERMS,
+        "repeats": repeats,
+        "max_rel_difference": difference / max(scale, 1e-30),
+    }
+    for impl, s in zip(IMPLS, seconds):
+        peak, held = memory(*calls[impl], device)
+        row[f"{impl}_ms"] = s * 1e3
+        row[f"{impl}_peak_MB"] = peak / 2**20
+        row[f"{impl}_held_MB"] = held / 2**20
+    row["speedup"] = row["autograd_ms"] / row["fused_ms"]
+    row["peak_ratio"] = row["autograd_peak_MB"] / max(row["fused_peak_MB"], 1e-9)
+    return row
+
+
+def print_table(rows):
+    header = (
+        f"{'device':6} {'d':>3} {'mode':8} | {'fused ms':>9} {'autograd ms':>11} {'x':>5} | "
+        f"{'peak MB fused':>13} {'autograd':>9} {'x':>5} | {'held MB fused':>13} "
+        f"{'autograd':>9} | {'rel diff':>8}"
+    )
+    print(header)
+    print("-" * len(header))
+    for r in rows:
+        print(
+            f"{r['device']:6} {r['d']:>3} {r['mode']:8} | {r['fused_ms']:>9.2f} "
+            f"{r['autograd_ms']:>11.2f} {r['speedup']:>5.2f} | {r['fused_peak_MB']:>13.2f} "
+            f"{r['autograd_peak_MB']:>9.2f} {r['peak_ratio']:>5.2f} | "
+            f"{r['fused_held_MB']:>13.2f} {r['autograd_held_MB']:>9.2f} | "
+            f"{r['max_rel_difference']:>8.1e}"
+        )
+
+
+def main(argv=None):
+    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    parser.add_argument("--device", choices=["all", "cpu", "cuda"], default="all")
+    parser.add_argument("--batch", type=int, default=1000)
+    parser.add_argument("--hidden", type=int, default=128)
+    parser.add_argument("--layers", type=int, default=2, help="hidden layers")
+    parser.add_argument("--dims", type=int, nargs="+", default=None)
+    parser.add_argument("--modes", nargs="+", choices=MODES, default=MODES)
+    parser.add_argument("--threads", type=int, default=None, help="CPU threads (torch default)")
+    parser.add_argument("--quick", action="store_true", help="small sizes, a smoke run")
+    parser.add_argument("--min-seconds", type=float, default=1.0)
+    parser.add_argument("--out", default="results/logdet.json")
+    args = parser.parse_args(argv)
+    if args.threads is not None:
+        torch.set_num_threads(args.threads)
+    batch = 100 if args.quick else args.batch
+    dims = args.dims or (QUICK_DIMS if args.quick else DIMS)
+    min_seconds = 0.05 if args.quick else args.min_seconds
+    has_gpu = torch.cuda.is_available() and impflow.has_cuda_kernels()
+    if args.device == "cuda" and not has_gpu:
+        parser.error("--device cuda needs a CUDA GPU and impflow built with CUDA kernels")
+    devices = (["cpu"] if args.device in ("all", "cpu") else []) + (
+        ["cuda"] if args.device in ("all", "cuda") and has_gpu else []
+    )
+    rows = [
+        bench(device, d, mode, batch, args.hidden, args.layers, min_seconds)
+        for device in devices
+        for d in dims
+        for mode in args.modes
+    ]
+    print_table(rows)
+    print(
+        f"B = {batch}, hidden {[args.hidden] * args.layers}, {N_TERMS} terms, float32; "
+        f"CPU threads: {torch.get_num_threads()}; x = autograd / fused (time and peak memory)"
+    )
+    write_json(
+        args.out,
+        {
+            "benchmark": "logdet",
+            "machine": {d: machine_facts(d) for d in devices},
+            "config": {"batch": batch, "hidden": args.hidden, "layers": args.layers},
+            "rows": rows,
+        },
+    )
+    print(f"wrote {args.out}")
+
+
+if __name__ == "__main__":
+    main()
