@@ -11,8 +11,10 @@ probe, per-sample dimension d = 2, 16, 64. Modes (each timed for both product pa
             without memory savings)
   neumann   roulette_logdet(neumann_grad=True), then backward: products without graph, one
             product with graph (the Neumann-series gradient)
-
-Backward-in-forward is not implemented in impflow yet, so it has no mode here.
+  bif       roulette_logdet(neumann_grad=True, backward_in_forward=True), then backward of the
+            sum: the Neumann gradient taken inside the forward, the graph freed before it
+            returns (a loss with unequal per-sample weights re-evaluates g and one product in
+            backward instead: benchmarks/logdet_memory.py measures that case)
 
 For every row: median wall time (calls of the two paths interleaved, so that load on a
 shared machine hits both alike), peak memory of the call, and the memory the estimate
@@ -43,7 +45,7 @@ from _timing import machine_facts, synchronize, write_json  # noqa: E402
 
 DIMS = [2, 16, 64]
 QUICK_DIMS = [2, 16]
-MODES = ["series", "eval", "graph", "neumann"]
+MODES = ["series", "eval", "graph", "neumann", "bif"]
 N_TERMS = 10
 IMPLS = ("fused", "autograd")
 
@@ -61,7 +63,8 @@ def estimator_kwargs(mode):
         "n_exact_terms": N_TERMS,
         "distribution": "poisson",
         "lam": 1e-9,
-        "neumann_grad": mode == "neumann",
+        "neumann_grad": mode in ("neumann", "bif"),
+        "backward_in_forward": mode == "bif",
         "return_stats": True,
     }
 
