@@ -31,13 +31,15 @@ from impflow.logdet.products import (
     get_vjp_series,
     register_vjp_powers,
 )
-from impflow.logdet import fused_mlp  # noqa: F401  (registers the fused op for LipschitzMLP)
 from impflow.logdet.roulette import (
     LogdetStats,
     RouletteLogdet,
     roulette_logdet,
     tail_probability,
 )
+
+# Last: it imports impflow.nn, whose blocks import the estimators above.
+from impflow.logdet import fused_mlp  # noqa: E402, F401  (registers the fused op for LipschitzMLP)
 
 __all__ = [
     "LogdetStats",
