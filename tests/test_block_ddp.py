@@ -1,0 +1,90 @@
+"""Implicit gradients under DistributedDataParallel: two CPU processes (gloo), each with half the
+batch, give the parameter gradients of one process on the whole batch (DESIGN.md §1, §7: the
+gradients reach the parameters through ordinary autograd, where DDP's reducer sees them)."""
+
+import os
+
+import pytest
+import torch
+import torch.distributed as dist
+import torch.multiprocessing as mp
+
+import impflow
+import impflow.nn as inn
+
+# One intra-op thread: on a shared 2-core machine more threads only wait on each other.
+pytestmark = pytest.mark.usefixtures("one_thread")
+
+BATCH = 12
+DIM = 3
+
+
+def _model():
+    """A flow with an ImplicitBlock and a ResidualBlock; exact log-dets and adjoints, so the
+    result is deterministic."""
+    torch.manual_seed(0)
+
+    def mlp():
+        return inn.LipschitzMLP([DIM, 16, 16, DIM], activation="lipswish", coeff=0.9)
+
+    tight = {"tol": 1e-12}
+    transform = inn.SequentialFlow(
+        inn.ImplicitBlock(mlp(), mlp(), logdet="exact", forward_solver=tight),
+        inn.ActNorm(DIM, data_init=False),
+        inn.ResidualBlock(mlp(), logdet="exact"),
+    )
+    return impflow.Flow(transform, event_shape=(DIM,)).double()
+
+
+def _data():
+    gen = torch.Generator().manual_seed(1)
+    return torch.randn(BATCH, DIM, dtype=torch.float64, generator=gen)
+
+
+def _grads(model):
+    return {name: p.grad.detach().clone() for name, p in model.named_parameters()}
+
+
+def _worker(rank, world_size, init_file, state_path, out_dir):
+    torch.set_num_threads(1)
+    dist.init_process_group(
+        "gloo", init_method=f"file://{init_file}", rank=rank, world_size=world_size
+    )
+    try:
+        model = _model()
+        model.load_state_dict(torch.load(state_path))
+        ddp = torch.nn.parallel.DistributedDataParallel(model)
+        x = _data().chunk(world_size)[rank]
+        loss = -ddp(x).mean()  # Flow.forward is log_prob
+        loss.backward()
+        torch.save(_grads(model), os.path.join(out_dir, f"grads{rank}.pt"))
+    finally:
+        dist.destroy_process_group()
+
+
+@pytest.mark.skipif(not dist.is_available(), reason="torch.distributed is not available")
+def test_ddp_two_processes_match_one_process_on_the_whole_batch(tmp_path):
+    model = _model()
+    state_path = tmp_path / "state.pt"
+    torch.save(model.state_dict(), state_path)
+
+    # One process, whole batch (after saving the state: a training-mode forward runs power
+    # iteration, which changes the buffers).
+    loss = -model(_data()).mean()
+    loss.backward()
+    reference = _grads(model)
+
+    world_size = 2
+    mp.spawn(
+        _worker,
+        args=(world_size, str(tmp_path / "init"), str(state_path), str(tmp_path)),
+        nprocs=world_size,
+        join=True,
+    )
+    for rank in range(world_size):
+        grads = torch.load(tmp_path / f"grads{rank}.pt")
+        assert grads.keys() == reference.keys()
+        for name, ref in reference.items():
+            assert ref.abs().max() > 0, name  # every parameter gets a gradient
+            err = float((grads[name] - ref).abs().max() / ref.abs().max())
+            assert err < 1e-5, (rank, name, err)
