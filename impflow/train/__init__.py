@@ -1,5 +1,6 @@
-"""Training: checkpoints now; the training loop and the ``python -m impflow.train`` entry point
-build on them (DESIGN.md §4)."""
+"""Training: the ``python -m impflow.train <task>`` entry point (:mod:`impflow.train.cli`), the
+shared loop (:mod:`impflow.train.loop`), tasks (``toy``, ``fit1d``), EMA weights, figures, and
+atomic checkpoints with exact resume (:mod:`impflow.train.checkpoint`) (DESIGN.md §4)."""
 
 from impflow.train.checkpoint import (
     CheckpointError,

@@ -1,0 +1,3 @@
+from impflow.train.cli import main
+
+raise SystemExit(main())

@@ -1,0 +1,153 @@
+"""``python -m impflow.train <task> [options]`` (also the ``impflow-train`` command)."""
+
+from __future__ import annotations
+
+import argparse
+import sys
+from pathlib import Path
+
+from impflow.data.toy import TOY_DATASETS
+from impflow.train.loop import NonFiniteLossError, TrainSettings, train
+from impflow.train.models import MODEL_KINDS
+
+__all__ = ["main"]
+
+
+def _positive_int(text):
+    value = int(text)
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"must be an integer >= 1, got {text}")
+    return value
+
+
+def _positive_float(text):
+    value = float(text)
+    if not value > 0:
+        raise argparse.ArgumentTypeError(f"must be a number > 0, got {text}")
+    return value
+
+
+def _dims(text):
+    try:
+        dims = tuple(int(d) for d in text.split("-"))
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected widths like 128-128, got {text!r}") from None
+    if not dims or min(dims) < 1:
+        raise argparse.ArgumentTypeError(f"expected positive widths like 128-128, got {text!r}")
+    return dims
+
+
+def _common(p: argparse.ArgumentParser, *, steps, batch_size, lr=1e-3):
+    p.add_argument("--out", type=Path, required=True, help="output directory")
+    p.add_argument("--steps", type=_positive_int, default=steps, help="optimisation steps")
+    p.add_argument(
+        "--time-budget",
+        type=_positive_float,
+        default=None,
+        metavar="SECONDS",
+        help="stop cleanly once this much training time is spent",
+    )
+    p.add_argument("--batch-size", type=_positive_int, default=batch_size)
+    p.add_argument("--lr", type=_positive_float, default=lr)
+    p.add_argument("--weight-decay", type=float, default=0.0)
+    p.add_argument("--ema-decay", type=float, default=0.99)
+    p.add_argument("--grad-clip", type=_positive_float, default=None)
+    p.add_argument("--log-every", type=_positive_int, default=10)
+    p.add_argument("--ckpt-every", type=_positive_int, default=200)
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--resume", action="store_true", help="continue from OUT/checkpoint.pt")
+    p.add_argument("--device", default="cpu")
+    p.add_argument("--no-progress", action="store_true", help="no progress bar")
+    p.add_argument("--tensorboard", action="store_true", help="also log to OUT/tensorboard")
+
+
+def _model_options(p, *, hidden, coeff=0.99, n_power_iterations=5):
+    p.add_argument("--hidden", type=_dims, default=hidden, help="hidden widths, e.g. 128-128")
+    p.add_argument("--activation", default="sin")
+    p.add_argument("--coeff", type=float, default=coeff)
+    p.add_argument("--n-power-iterations", type=_positive_int, default=n_power_iterations)
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="python -m impflow.train", description=__doc__)
+    tasks = parser.add_subparsers(dest="task", required=True, metavar="TASK")
+
+    toy = tasks.add_parser("toy", help="2-D densities (checkerboard, 8gaussians, ...)")
+    toy.add_argument("--data", choices=TOY_DATASETS, default="checkerboard")
+    toy.add_argument("--model", choices=MODEL_KINDS, default="implicit")
+    toy.add_argument("--blocks", type=_positive_int, default=4)
+    toy.add_argument("--actnorm", action="store_true", help="ActNorm before every block")
+    _model_options(toy, hidden=(128, 128))
+    _common(toy, steps=5000, batch_size=500)
+
+    fit1d = tasks.add_parser("fit1d", help="1-D function fitting: ImpFlow vs ResFlow block")
+    _model_options(fit1d, hidden=(64, 64))
+    _common(fit1d, steps=1000, batch_size=256, lr=3e-3)
+    return parser
+
+
+def make_task(args):
+    if args.task == "toy":
+        from impflow.train.toy import ToyTask
+
+        return ToyTask(
+            args.data,
+            args.model,
+            args.blocks,
+            hidden=args.hidden,
+            activation=args.activation,
+            coeff=args.coeff,
+            n_power_iterations=args.n_power_iterations,
+            actnorm=args.actnorm,
+            batch_size=args.batch_size,
+        )
+    if args.task == "fit1d":
+        from impflow.train.fit1d import Fit1dTask
+
+        return Fit1dTask(
+            hidden=args.hidden,
+            activation=args.activation,
+            coeff=args.coeff,
+            n_power_iterations=args.n_power_iterations,
+            batch_size=args.batch_size,
+        )
+    raise ValueError(f"unknown task {args.task!r}")  # argparse rejects it first
+
+
+def settings_from(args) -> TrainSettings:
+    return TrainSettings(
+        out=args.out,
+        steps=args.steps,
+        time_budget=args.time_budget,
+        lr=args.lr,
+        weight_decay=args.weight_decay,
+        ema_decay=args.ema_decay,
+        grad_clip=args.grad_clip,
+        log_every=args.log_every,
+        ckpt_every=args.ckpt_every,
+        seed=args.seed,
+        resume=args.resume,
+        progress=not args.no_progress,
+        tensorboard=args.tensorboard,
+        device=args.device,
+    )
+
+
+def main(argv=None) -> int:
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    try:
+        task = make_task(args)
+    except ValueError as err:
+        parser.error(str(err))
+    try:
+        metrics = train(task, settings_from(args))
+    except NonFiniteLossError as err:
+        print(f"error: {err}", file=sys.stderr)
+        return 1
+    shown = {k: v for k, v in metrics.items() if k not in ("settings", "figures")}
+    print(
+        " ".join(f"{k}={v:.4f}" if isinstance(v, float) else f"{k}={v}" for k, v in shown.items())
+    )
+    print(f"wrote {args.out / 'metrics.json'}")
+    return 0
