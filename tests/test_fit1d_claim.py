@@ -10,42 +10,29 @@ residual map handles the slopes below 1, the inverse one the slopes above 1 (the
 slides: "the forward ResFlow handles small Lipschitz parts, and the inverse ResFlow handles
 large Lipschitz parts").
 
-The target is built that way, ``f = r2^{-1} ∘ r1`` with smooth ramps ``r1' = 0.1 → 1`` (in
-``x``) and ``r2' = 1 → 0.1`` (in ``z``), each changing over a few units: a spectrally
-normalised network's derivative cannot change faster than its weights allow (``|g''|`` is
-bounded too), so a kink would be unreachable by either block and would only measure that.
+The target (:mod:`impflow.data.fit1d`, also the ``fit1d`` training task's) is built that way,
+``f = r2^{-1} ∘ r1`` with smooth ramps ``r1' = 0.1 → 1`` and ``r2' = 1 → 0.1``, each changing
+over a few units: a spectrally normalised network's derivative cannot change faster than its
+weights allow (``|g''|`` is bounded too), so a kink would be unreachable by either block and
+would only measure that.
 """
 
 import pytest
 import torch
-import torch.nn.functional as F
 
 import impflow.nn as inn
+from impflow.data.fit1d import fit1d_dataset, fit1d_derivative
 
 # One intra-op thread: on a shared 2-core machine more threads only wait on each other.
 pytestmark = pytest.mark.usefixtures("one_thread")
 
+
 # The slope of r2 drops from 1 to 0.1 around z = _KINK_Z, away from the z values of the flat
 # part (z < 0), so that the two ramps do not overlap.
-_KINK_Z = 3.0
-
-
 def _target(n=256):
-    """``x`` in [-6, 6], ``z = f(x)`` and ``f'(x)`` (float64 bisection for ``r2^{-1}``)."""
-    x = torch.linspace(-6.0, 6.0, n, dtype=torch.float64).unsqueeze(1)
-    w = 0.1 * x + 0.9 * F.softplus(x)  # r1(x): slope 0.1 + 0.9 sigmoid(x), from 0.1 to 1
-
-    def r2(z):  # slope 1 - 0.9 sigmoid(z - kink), from 1 to 0.1
-        return z - 0.9 * F.softplus(z - _KINK_Z)
-
-    lo, hi = torch.full_like(w, -100.0), torch.full_like(w, 1000.0)
-    for _ in range(80):
-        mid = (lo + hi) / 2
-        below = r2(mid) < w
-        lo, hi = torch.where(below, mid, lo), torch.where(below, hi, mid)
-    z = (lo + hi) / 2
-    slope = (0.1 + 0.9 * torch.sigmoid(x)) / (1 - 0.9 * torch.sigmoid(z - _KINK_Z))
-    return x.float(), z.float(), slope.squeeze(1)
+    """``x`` on the fitting domain [-6, 6], ``z = f(x)`` and ``f'(x)``."""
+    x, z = fit1d_dataset(n, grid=True)
+    return x, z, fit1d_derivative(x.double()).squeeze(1)
 
 
 def _fit(block, x, y, steps=500, lr=3e-2):

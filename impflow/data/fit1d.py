@@ -1,22 +1,22 @@
-r"""The 1-D function-fitting example of the ImpFlow paper: a target that a ResFlow of few blocks
-cannot represent and a single ImpFlow block can.
+r"""The 1-D function-fitting example of the ImpFlow paper: a target that a ResFlow block cannot
+represent and a single ImpFlow block can.
 
-A ResFlow block ``x + g(x)`` with ``Lip(g) ≤ c < 1`` has slope in ``[1 - c, 1 + c]``, so ``L``
-blocks reach slopes of at most ``(1 + c)^L < 2^L``: a slope of 10 needs at least
-``log₂ 10 ≈ 3.3``, i.e. 4 blocks. One ImpFlow block ``(Id + g_z)⁻¹ ∘ (Id + g_x)`` has
-slope ``(1 + g_x'(x)) / (1 + g_z'(z))``, anywhere in ``[(1 - c)/(1 + c), (1 + c)/(1 - c)]``
-(``[0.005, 199]`` at ``c = 0.99``); in 1-D, single ImpFlow blocks (any ``c < 1``) represent
-every ``C¹`` function whose slope is bounded and bounded away from 0 (the paper's ``I = F₂``).
+A ResFlow block ``x + g(x)`` with ``Lip(g) ≤ c < 1`` has slope in ``[1 - c, 1 + c] ⊂ (0, 2)``.
+One ImpFlow block ``(Id + g_z)⁻¹ ∘ (Id + g_x)`` has slope ``(1 + g_x'(x)) / (1 + g_z'(z))``
+anywhere in ``[(1 - c)/(1 + c), (1 + c)/(1 - c)]``: the forward residual map handles the slopes
+below 1 and the inverse one the slopes above 1 (the paper's slides).
 
-The slides specify the example only by these properties (a strictly increasing function whose
-slope ranges over ``[0.1, 10]``); they do not give its formula. The target here is one such
-function, smooth and in closed form:
+The slides specify the example only by its properties (a strictly increasing function whose
+slope ranges over ``[0.1, 10]``), not by a formula. The target here is built the way an
+ImpFlow block represents such a function, ``f = r₂⁻¹ ∘ r₁`` with two smooth ramps
 
-``f(x) = 0.1·x + (9.9/k)·softplus(k·x)``, ``f'(x) = 0.1 + 9.9·sigmoid(k·x)``, ``k = 5``,
+``r₁(x) = 0.1·x + 0.9·softplus(x)`` (slope ``0.1 → 1``),
+``r₂(z) = z - 0.9·softplus(z - 3)`` (slope ``1 → 0.1``),
 
-on ``x ∈ [-2, 2]``: the slope rises from ``0.1`` on the left (``f'(-2) ≈ 0.1004``) to ``10`` on
-the right (``f'(2) ≈ 9.9996``), crossing 1 near ``x = -0.46``. ``f`` maps ``[-2, 2]`` onto
-about ``[-0.20, 20.0]``.
+so ``f'(x) = r₁'(x) / r₂'(f(x))`` rises from about ``0.1`` to about ``10`` over
+``x ∈ [-6, 6]`` (``f`` spans about 34 there). The ramps change over a few units on purpose: a
+spectrally normalised network's derivative cannot change faster than its weights allow, so a
+kink would be out of reach of both blocks and would only measure that.
 
 References:
     | Implicit Normalizing Flows (Lu et al., 2021), §4 and Fig. 1
@@ -25,6 +25,7 @@ References:
 
 from __future__ import annotations
 
+import math
 import numbers
 
 import torch
@@ -35,35 +36,69 @@ from impflow.data._random import as_generator
 
 __all__ = ["FIT1D_DOMAIN", "FIT1D_SLOPE_RANGE", "fit1d_dataset", "fit1d_derivative", "fit1d_target"]
 
-FIT1D_DOMAIN = (-2.0, 2.0)
+FIT1D_DOMAIN = (-6.0, 6.0)
 """The interval the example is fitted on."""
 
 FIT1D_SLOPE_RANGE = (0.1, 10.0)
 """Bounds of ``f'`` over the real line (approached at ``-∞`` and ``+∞``)."""
 
-_LOW, _HIGH = FIT1D_SLOPE_RANGE
-_SHARPNESS = 5.0
+_KINK_Z = 3.0
+_BISECTION_STEPS = 100
 
 
 def _check_tensor(x, name: str) -> Tensor:
     if not isinstance(x, Tensor) or not x.is_floating_point():
-        what = f"a {x.dtype} tensor" if isinstance(x, Tensor) else type(x).__name__
-        raise TypeError(f"{name} must be a floating-point tensor, got {what}")
+        raise TypeError(
+            f"{name} must be a floating-point tensor, got {type(x).__name__}"
+            + (f" of dtype {x.dtype}" if isinstance(x, Tensor) else "")
+        )
     return x
 
 
-def fit1d_target(x: Tensor) -> Tensor:
-    """The target ``f(x) = 0.1·x + (9.9/k)·softplus(k·x)``, ``k = 5``, elementwise (any shape).
+def _r1(x: Tensor) -> Tensor:
+    return 0.1 * x + 0.9 * F.softplus(x)
 
-    Strictly increasing with ``0.1 < f'(x) < 10``; ``f(0) = 9.9·ln 2 / 5 ≈ 1.372``."""
+
+def _r2(z: Tensor) -> Tensor:
+    return z - 0.9 * F.softplus(z - _KINK_Z)
+
+
+def _r2_slope(z: Tensor) -> Tensor:
+    return 1.0 - 0.9 * torch.sigmoid(z - _KINK_Z)
+
+
+@torch.no_grad()
+def _r2_inverse(w: Tensor) -> Tensor:
+    """``z`` with ``r₂(z) = w`` by bisection in float64 (``r₂`` is increasing; its bounds
+    ``z - 0.9·ln 2 ≤ r₂(z) ≤ z`` for ``z ≤ 3`` and ``r₂(z) ≥ 0.1·z + 2.7 - 0.9·ln 2`` bracket
+    the root)."""
+    w = w.double()
+    lo = w.clone()
+    hi = torch.maximum(w + 0.9 * math.log(2), (w - 2.7 + 0.9 * math.log(2)) / 0.1) + 1.0
+    for _ in range(_BISECTION_STEPS):
+        mid = (lo + hi) / 2
+        below = _r2(mid) < w
+        lo, hi = torch.where(below, mid, lo), torch.where(below, hi, mid)
+    return (lo + hi) / 2
+
+
+def fit1d_target(x: Tensor) -> Tensor:
+    """The target ``f = r₂⁻¹ ∘ r₁`` elementwise (any shape; computed in float64, returned in
+    ``x``'s dtype). Differentiable: the root is re-attached by one Newton step, whose derivative
+    is exactly ``f'(x)``."""
     x = _check_tensor(x, "x")
-    return _LOW * x + (_HIGH - _LOW) / _SHARPNESS * F.softplus(_SHARPNESS * x)
+    w = _r1(x.double())
+    z0 = _r2_inverse(w.detach())
+    z = z0 + (w - _r2(z0)) / _r2_slope(z0)  # value z0 (to rounding), derivative r1'/r2'(z)
+    return z.to(x.dtype)
 
 
 def fit1d_derivative(x: Tensor) -> Tensor:
-    """``f'(x) = 0.1 + 9.9·sigmoid(k·x)``, elementwise (any shape)."""
+    """``f'(x) = r₁'(x) / r₂'(f(x))`` elementwise (any shape)."""
     x = _check_tensor(x, "x")
-    return _LOW + (_HIGH - _LOW) * torch.sigmoid(_SHARPNESS * x)
+    xd = x.detach().double()
+    slope = (0.1 + 0.9 * torch.sigmoid(xd)) / _r2_slope(_r2_inverse(_r1(xd)))
+    return slope.to(x.dtype)
 
 
 def fit1d_dataset(

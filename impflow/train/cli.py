@@ -61,9 +61,9 @@ def _common(p: argparse.ArgumentParser, *, steps, batch_size, lr=1e-3):
     p.add_argument("--tensorboard", action="store_true", help="also log to OUT/tensorboard")
 
 
-def _model_options(p, *, hidden, coeff=0.99, n_power_iterations=5):
+def _model_options(p, *, hidden, activation="sin", coeff=0.99, n_power_iterations=5):
     p.add_argument("--hidden", type=_dims, default=hidden, help="hidden widths, e.g. 128-128")
-    p.add_argument("--activation", default="sin")
+    p.add_argument("--activation", default=activation)
     p.add_argument("--coeff", type=float, default=coeff)
     p.add_argument("--n-power-iterations", type=_positive_int, default=n_power_iterations)
 
@@ -81,8 +81,8 @@ def build_parser() -> argparse.ArgumentParser:
     _common(toy, steps=5000, batch_size=500)
 
     fit1d = tasks.add_parser("fit1d", help="1-D function fitting: ImpFlow vs ResFlow block")
-    _model_options(fit1d, hidden=(64, 64))
-    _common(fit1d, steps=1000, batch_size=256, lr=3e-3)
+    _model_options(fit1d, hidden=(32,), activation="elu", coeff=0.97)
+    _common(fit1d, steps=500, batch_size=256, lr=3e-2)
     return parser
 
 

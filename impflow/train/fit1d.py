@@ -10,7 +10,8 @@ from pathlib import Path
 import torch
 from torch import nn
 
-from impflow.data.fit1d import fit1d_dataset
+from impflow.data.fit1d import fit1d_dataset, fit1d_derivative
+from impflow.nn import update_lipschitz
 from impflow.train.loop import Task
 from impflow.train.models import block
 from impflow.train.plots import save_curves
@@ -18,6 +19,7 @@ from impflow.train.plots import save_curves
 __all__ = ["Fit1dTask"]
 
 KINDS = ("implicit", "residual")
+EVAL_POWER_ITERATIONS = 200
 
 
 class Fit1dTask(Task):
@@ -25,9 +27,9 @@ class Fit1dTask(Task):
 
     def __init__(
         self,
-        hidden=(64, 64),
-        activation: str = "sin",
-        coeff: float = 0.99,
+        hidden=(32,),
+        activation: str = "elu",
+        coeff: float = 0.97,
         n_power_iterations: int = 5,
         batch_size: int = 256,
     ):
@@ -70,17 +72,25 @@ class Fit1dTask(Task):
 
     @torch.no_grad()
     def _fits(self, model):
+        """Grid ``x``, target ``y``, and per block its fit and slope (``exp(logdet)`` in 1-D)."""
+        update_lipschitz(model, EVAL_POWER_ITERATIONS)  # the Lipschitz bound holds at evaluation
         x, y = fit1d_dataset(1000, grid=True)
         param = next(model.parameters())
         x, y = x.to(param), y.to(param)
-        return x, y, {kind: model[kind](x)[0] for kind in KINDS}
+        outputs = {kind: model[kind](x) for kind in KINDS}
+        fits = {kind: z for kind, (z, _) in outputs.items()}
+        slopes = {kind: logdet.exp() for kind, (_, logdet) in outputs.items()}
+        return x, y, fits, slopes
 
     def evaluate(self, model) -> dict:
-        x, y, fits = self._fits(model)
-        return {f"grid_mse_{k}": float(((f - y) ** 2).mean()) for k, f in fits.items()}
+        x, y, fits, slopes = self._fits(model)
+        metrics = {f"grid_mse_{k}": float(((f - y) ** 2).mean()) for k, f in fits.items()}
+        metrics.update({f"max_slope_{k}": float(s.max()) for k, s in slopes.items()})
+        metrics["target_max_slope"] = float(fit1d_derivative(x).max())
+        return metrics
 
     def figures(self, model, out: Path) -> list:
-        x, y, fits = self._fits(model)
+        x, y, fits, _ = self._fits(model)
         curves = {"target": y[:, 0], **{f"{k} block": f[:, 0] for k, f in fits.items()}}
         return [
             save_curves(
