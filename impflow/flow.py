@@ -35,17 +35,7 @@ _HALF_LOG_TWO_PI = 0.5 * math.log(2 * math.pi)
 
 
 def _check_sample_shape(sample_shape) -> torch.Size:
-    if isinstance(sample_shape, numbers.Integral) and not isinstance(sample_shape, bool):
-        sample_shape = (sample_shape,)
-    try:
-        dims = tuple(sample_shape)
-    except TypeError:
-        dims = None
-    if dims is None or any(
-        isinstance(d, bool) or not isinstance(d, numbers.Integral) or d < 0 for d in dims
-    ):
-        raise ValueError(f"sample_shape must be a sequence of ints >= 0, got {sample_shape!r}")
-    return torch.Size(int(d) for d in dims)
+    return torch.Size(check_shape(sample_shape, "sample_shape", minimum=0))
 
 
 def _can_rsample(dist) -> bool:

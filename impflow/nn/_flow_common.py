@@ -74,8 +74,9 @@ def check_layer_output(out, batch: int, where: str) -> tuple[Tensor, Tensor]:
     return y, logdet
 
 
-def check_shape(shape, name: str) -> tuple[int, ...]:
-    """A per-sample shape: a sequence of positive ints."""
+def check_shape(shape, name: str, minimum: int = 1) -> tuple[int, ...]:
+    """A shape: an int or a sequence of ints ``>= minimum`` (1: a per-sample shape; 0: a sample
+    shape, where empty dimensions are allowed)."""
     if isinstance(shape, numbers.Integral) and not isinstance(shape, bool):
         shape = (shape,)
     try:
@@ -83,9 +84,10 @@ def check_shape(shape, name: str) -> tuple[int, ...]:
     except TypeError:
         dims = None
     if dims is None or any(
-        isinstance(d, bool) or not isinstance(d, numbers.Integral) or d < 1 for d in dims
+        isinstance(d, bool) or not isinstance(d, numbers.Integral) or d < minimum for d in dims
     ):
-        raise ValueError(f"{name} must be a sequence of positive ints, got {shape!r}")
+        what = "positive ints" if minimum == 1 else f"ints >= {minimum}"
+        raise ValueError(f"{name} must be a sequence of {what}, got {shape!r}")
     return tuple(int(d) for d in dims)
 
 
