@@ -348,6 +348,38 @@ def test_update_lipschitz_counts_and_iterates():
         update_lipschitz(model, 0)
 
 
+def test_update_lipschitz_with_tolerance_runs_layers_to_convergence(monkeypatch):
+    steps = []
+    for cls in (SpectralLinear, SpectralConv2d):
+        run = cls.power_iteration  # record the steps each layer ran
+
+        def spy(self, *args, _run=run, **kwargs):
+            steps.append(_run(self, *args, **kwargs))
+            return steps[-1]
+
+        monkeypatch.setattr(cls, "power_iteration", spy)
+    torch.manual_seed(3)
+    conv = SpectralConv2d(3, 3, 3, padding=1, dtype=torch.float64)
+    dense = SpectralLinear(6, 6, dtype=torch.float64)
+    conv(torch.randn(1, 3, 6, 6, dtype=torch.float64))
+    with torch.no_grad():
+        conv.weight.normal_()
+        dense.weight.normal_()
+        conv.u.normal_(), conv.v.normal_()  # far from converged
+        dense.u.normal_(), dense.v.normal_()
+    model = nn.Sequential(dense, conv)
+    with pytest.raises(ValueError, match="rtol"):
+        update_lipschitz(model, 10, rtol=-1.0)
+    steps.clear()
+    assert update_lipschitz(model, 20000, atol=0.0, rtol=1e-10) == 2
+    assert len(steps) == 2 and all(1 <= n < 20000 for n in steps), steps  # stopped early
+    conv_exact = torch.linalg.matrix_norm(
+        _conv_matrix(conv.weight.detach(), (6, 6), (1, 1), (1, 1)), 2
+    )
+    assert _rel(conv.sigma(), conv_exact) < 1e-8
+    assert _rel(dense.sigma(), torch.linalg.matrix_norm(dense.weight.detach(), 2)) < 1e-8
+
+
 def test_fresh_layers_start_converged():
     # INIT_POWER_ITERATIONS steps at construction (dense) or first forward (conv): a layer that
     # is only ever evaluated is still normalised.
