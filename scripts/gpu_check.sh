@@ -3,7 +3,7 @@
 # CUDA cases included), the C++ tests, and the main benchmark on CPU and GPU.
 # Usage: scripts/gpu_check.sh OUT_DIR
 #   (writes OUT_DIR/gpu_check.log, solver_speed.json, power_iteration.json, logdet.json,
-#   train_step.json)
+#   train_step.json, end_to_end.json)
 #   PYTHON (default python3), IMPFLOW_CUDA_ARCHS (default: the GPU's own), MAX_JOBS (default 8)
 set -uo pipefail
 out="${1:?usage: scripts/gpu_check.sh OUT_DIR}"
@@ -31,6 +31,7 @@ step() {  # step NAME COMMAND...: runs it, logs it, remembers a failure and goes
   step "power iteration" "$py" benchmarks/power_iteration.py --out "$out/power_iteration.json"
   step "logdet" "$py" benchmarks/logdet.py --out "$out/logdet.json"
   step "train step" "$py" benchmarks/train_step.py --out "$out/train_step.json"
+  step "end to end" "$py" benchmarks/end_to_end.py --out "$out/end_to_end.json"
   echo "=== done: ${#failed[@]} step(s) failed ${failed[*]:-}"
 } 2>&1 | tee "$out/gpu_check.log"
 grep -q "=== done: 0 step" "$out/gpu_check.log"

@@ -6,6 +6,8 @@ import argparse
 import sys
 from pathlib import Path
 
+from impflow.data.images import CIFAR10_FILES, IMAGE_DATASETS
+from impflow.data.tabular import TABULAR_DATASETS
 from impflow.data.toy import TOY_DATASETS
 from impflow.train.loop import NonFiniteLossError, TrainSettings, train
 from impflow.train.models import MODEL_KINDS
@@ -35,6 +37,23 @@ def _dims(text):
     if not dims or min(dims) < 1:
         raise argparse.ArgumentTypeError(f"expected positive widths like 128-128, got {text!r}")
     return dims
+
+
+def _nonnegative_int(text):
+    value = int(text)
+    if value < 0:
+        raise argparse.ArgumentTypeError(f"must be an integer >= 0, got {text}")
+    return value
+
+
+def _evaluation_options(p, *, eval_batch_size):
+    p.add_argument(
+        "--eval-samples",
+        type=_positive_int,
+        default=None,
+        help="evaluate the first N rows/images of each split (default: all)",
+    )
+    p.add_argument("--eval-batch-size", type=_positive_int, default=eval_batch_size)
 
 
 def _common(p: argparse.ArgumentParser, *, steps, batch_size, lr=1e-3):
@@ -83,6 +102,50 @@ def build_parser() -> argparse.ArgumentParser:
     fit1d = tasks.add_parser("fit1d", help="1-D function fitting: ImpFlow vs ResFlow block")
     _model_options(fit1d, hidden=(32,), activation="elu", coeff=0.97)
     _common(fit1d, steps=500, batch_size=256, lr=3e-2)
+
+    tabular = tasks.add_parser(
+        "tabular", help="POWER, GAS, HEPMASS, MINIBOONE, BSDS300 (the MAF release's files)"
+    )
+    tabular.add_argument("--data", choices=TABULAR_DATASETS, required=True)
+    tabular.add_argument(
+        "--root", type=Path, required=True, help="the MAF release's datasets folder"
+    )
+    tabular.add_argument("--model", choices=MODEL_KINDS, default="implicit")
+    tabular.add_argument(
+        "--blocks",
+        type=_positive_int,
+        default=None,
+        help="default: 5 (implicit) or 10 (residual): the same number of networks",
+    )
+    tabular.add_argument("--no-actnorm", action="store_true", help="no ActNorm between blocks")
+    tabular.add_argument("--logdet", choices=("series", "exact", "auto"), default="series")
+    _model_options(tabular, hidden=(128, 128, 128, 128))
+    _evaluation_options(tabular, eval_batch_size=1000)
+    _common(tabular, steps=10000, batch_size=1000)
+
+    image = tasks.add_parser("image", help="multi-scale image flow: 8x8 digits or CIFAR-10")
+    image.add_argument("--data", choices=IMAGE_DATASETS, default="digits")
+    image.add_argument("--root", type=Path, default=None, help="CIFAR-10's folder (python version)")
+    image.add_argument("--model", choices=MODEL_KINDS, default="implicit")
+    image.add_argument(
+        "--blocks",
+        type=_dims,
+        default=None,
+        help="blocks per level, e.g. 2-2 (default: digits 2-2, cifar10 2-2-2; twice as many "
+        "for residual: the same number of networks)",
+    )
+    image.add_argument("--hidden-channels", type=_positive_int, default=None)
+    image.add_argument("--kernels", type=_dims, default=(3, 1, 3), help="e.g. 3-1-3")
+    image.add_argument("--activation", default="lipswish")
+    image.add_argument("--coeff", type=float, default=0.9)
+    image.add_argument("--n-power-iterations", type=_positive_int, default=5)
+    image.add_argument("--alpha", type=float, default=0.05, help="logit transform's alpha")
+    image.add_argument(
+        "--n-exact-terms", type=_nonnegative_int, default=2, help="log-det series, training"
+    )
+    image.add_argument("--figure-samples", type=_positive_int, default=64)
+    _evaluation_options(image, eval_batch_size=256)
+    _common(image, steps=2000, batch_size=64)
     return parser
 
 
@@ -111,6 +174,44 @@ def make_task(args):
             n_power_iterations=args.n_power_iterations,
             batch_size=args.batch_size,
         )
+    if args.task == "tabular":
+        from impflow.train.tabular import TabularTask
+
+        return TabularTask(
+            args.data,
+            args.root,
+            args.model,
+            args.blocks,
+            hidden=args.hidden,
+            activation=args.activation,
+            coeff=args.coeff,
+            n_power_iterations=args.n_power_iterations,
+            actnorm=not args.no_actnorm,
+            logdet=args.logdet,
+            batch_size=args.batch_size,
+            eval_samples=args.eval_samples,
+            eval_batch_size=args.eval_batch_size,
+        )
+    if args.task == "image":
+        from impflow.train.image import ImageTask
+
+        return ImageTask(
+            args.data,
+            args.root,
+            args.model,
+            args.blocks,
+            hidden_channels=args.hidden_channels,
+            kernel_sizes=args.kernels,
+            activation=args.activation,
+            coeff=args.coeff,
+            n_power_iterations=args.n_power_iterations,
+            alpha=args.alpha,
+            n_exact_terms=args.n_exact_terms,
+            batch_size=args.batch_size,
+            eval_samples=args.eval_samples,
+            eval_batch_size=args.eval_batch_size,
+            figure_samples=args.figure_samples,
+        )
     raise ValueError(f"unknown task {args.task!r}")  # argparse rejects it first
 
 
@@ -136,9 +237,16 @@ def settings_from(args) -> TrainSettings:
 def main(argv=None) -> int:
     parser = build_parser()
     args = parser.parse_args(argv)
+    if args.task == "image" and args.data == "cifar10" and args.root is None:
+        parser.error(
+            "image --data cifar10 needs --root: the folder of CIFAR-10's python version, "
+            f"holding {', '.join(CIFAR10_FILES)}"
+        )
     try:
         task = make_task(args)
-    except ValueError as err:
+    except (ValueError, FileNotFoundError, ImportError) as err:
+        # A bad value, a missing dataset (the message names the files expected), or a missing
+        # optional package: a usage error (exit code 2), not a traceback.
         parser.error(str(err))
     try:
         metrics = train(task, settings_from(args))
