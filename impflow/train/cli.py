@@ -1,14 +1,18 @@
-"""``python -m impflow.train <task> [options]`` (also the ``impflow-train`` command)."""
+"""``python -m impflow.train <task> [options]`` (also the ``impflow-train`` command); in several
+processes with ``torchrun --nproc_per_node N -m impflow.train <task> [options]``, where
+``--batch-size`` is the global batch (see :mod:`impflow.train.loop`)."""
 
 from __future__ import annotations
 
 import argparse
+import os
 import sys
 from pathlib import Path
 
 from impflow.data.images import CIFAR10_FILES, IMAGE_DATASETS
 from impflow.data.tabular import TABULAR_DATASETS
 from impflow.data.toy import TOY_DATASETS
+from impflow.train.distributed import BACKENDS, torchrun_environment
 from impflow.train.loop import NonFiniteLossError, TrainSettings, train
 from impflow.train.models import MODEL_KINDS
 
@@ -66,7 +70,12 @@ def _common(p: argparse.ArgumentParser, *, steps, batch_size, lr=1e-3):
         metavar="SECONDS",
         help="stop cleanly once this much training time is spent",
     )
-    p.add_argument("--batch-size", type=_positive_int, default=batch_size)
+    p.add_argument(
+        "--batch-size",
+        type=_positive_int,
+        default=batch_size,
+        help="global batch: under torchrun, split evenly over the processes",
+    )
     p.add_argument("--lr", type=_positive_float, default=lr)
     p.add_argument("--weight-decay", type=float, default=0.0)
     p.add_argument("--ema-decay", type=float, default=0.99)
@@ -75,7 +84,14 @@ def _common(p: argparse.ArgumentParser, *, steps, batch_size, lr=1e-3):
     p.add_argument("--ckpt-every", type=_positive_int, default=200)
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--resume", action="store_true", help="continue from OUT/checkpoint.pt")
-    p.add_argument("--device", default="cpu")
+    p.add_argument("--device", default="cpu", help="cpu, cuda (torchrun: cuda:LOCAL_RANK), ...")
+    p.add_argument("--dtype", choices=("float32", "float64"), default="float32")
+    p.add_argument(
+        "--backend",
+        choices=BACKENDS,
+        default=None,
+        help="process group backend under torchrun (default: gloo on cpu, nccl on cuda)",
+    )
     p.add_argument("--no-progress", action="store_true", help="no progress bar")
     p.add_argument("--tensorboard", action="store_true", help="also log to OUT/tensorboard")
 
@@ -231,6 +247,8 @@ def settings_from(args) -> TrainSettings:
         progress=not args.no_progress,
         tensorboard=args.tensorboard,
         device=args.device,
+        dtype=args.dtype,
+        backend=args.backend,
     )
 
 
@@ -242,17 +260,27 @@ def main(argv=None) -> int:
             "image --data cifar10 needs --root: the folder of CIFAR-10's python version, "
             f"holding {', '.join(CIFAR10_FILES)}"
         )
+    processes = int(os.environ["WORLD_SIZE"]) if torchrun_environment() else 1
+    if args.batch_size % processes:
+        parser.error(
+            f"--batch-size {args.batch_size} is the global batch, split evenly over the "
+            f"{processes} processes: it must be divisible by {processes}"
+        )
     try:
         task = make_task(args)
     except (ValueError, FileNotFoundError, ImportError) as err:
         # A bad value, a missing dataset (the message names the files expected), or a missing
         # optional package: a usage error (exit code 2), not a traceback.
         parser.error(str(err))
+    main_process = int(os.environ.get("RANK", "0")) == 0  # torchrun: only rank 0 reports
     try:
         metrics = train(task, settings_from(args))
     except NonFiniteLossError as err:
-        print(f"error: {err}", file=sys.stderr)
+        if main_process:
+            print(f"error: {err}", file=sys.stderr)
         return 1
+    if not main_process:
+        return 0
     shown = {k: v for k, v in metrics.items() if k not in ("settings", "figures")}
     print(
         " ".join(f"{k}={v:.4f}" if isinstance(v, float) else f"{k}={v}" for k, v in shown.items())

@@ -1,10 +1,40 @@
 """The training loop every task shares: steps under a step and time budget, EMA weights,
 atomic checkpoints with exact resume, a NaN guard, logs, a progress bar, and the final
-evaluation with its metrics and figures."""
+evaluation with its metrics and figures; in one process or in several under ``torchrun``
+(DistributedDataParallel).
+
+**Multi-process runs.** Under ``torchrun --nproc_per_node N`` (or in a process group the caller
+has initialised) the model is wrapped in DistributedDataParallel and:
+
+- ``--batch-size`` is the *global* batch: every rank draws the same global batch from the
+  shared, seeded data generator and trains on its own contiguous slice of ``batch_size / N``
+  rows (so the batch must divide evenly). The loss is each rank's mean over its slice, and
+  DDP averages the gradients over ranks: the gradient of the mean over the global batch, as in
+  one process. With deterministic layers (exact log-determinants) N processes therefore
+  follow the single-process run up to floating-point rounding.
+- The model is initialised identically on every rank and DDP broadcasts rank 0's parameters
+  and buffers. Data-dependent initialisation (ActNorm) and lazily created buffers (spectral
+  convolutions) are settled before wrapping, by one pass over the first global batch on every
+  rank (see :func:`_first_batch_pass`); every other buffer is put back as it was.
+- Every rank other than 0 reseeds torch's global generator (:func:`rank_seed`), so random
+  draws inside the model (Hutchinson probes, Russian-roulette lengths) are independent across
+  ranks; rank 0 keeps the single-process stream.
+- Rank 0 alone writes checkpoints, log.csv, metrics.json and figures, shows the progress bar
+  and evaluates (the EMA model); the others receive its metrics. Logged losses and metrics are
+  averages over ranks.
+- Rank 0 decides when the time budget is spent and tells the others, so every rank stops
+  after the same step; a NaN or Inf loss on any rank stops every rank at that step with a
+  :class:`NonFiniteLossError` naming the step and the ranks.
+- ``--resume``: every rank reads the checkpoint (the output folder must be visible to all
+  ranks); each rank's random state is saved and restored when the number of processes is
+  unchanged (otherwise the data stream still continues exactly, the ranks' own streams
+  restart).
+"""
 
 from __future__ import annotations
 
 import csv
+import gc
 import json
 import math
 import time
@@ -13,6 +43,7 @@ from pathlib import Path
 
 import torch
 from torch import nn
+from torch.nn.parallel import DistributedDataParallel
 
 from impflow.train.checkpoint import (
     capture_rng_state,
@@ -21,11 +52,13 @@ from impflow.train.checkpoint import (
     restore_rng_state,
     save_checkpoint,
 )
+from impflow.train.distributed import ProcessGroup, rank_seed, setup_process_group
 from impflow.train.ema import EMA
 
 __all__ = ["NonFiniteLossError", "Task", "TrainSettings", "train"]
 
 CHECKPOINT_NAME = "checkpoint.pt"
+DTYPES = {"float32": torch.float32, "float64": torch.float64}
 
 
 class NonFiniteLossError(RuntimeError):
@@ -50,6 +83,12 @@ class TrainSettings:
         resume: continue from ``out/checkpoint.pt`` (an error if it is missing).
         progress: show a tqdm progress bar.
         tensorboard: also log to TensorBoard (``out/tensorboard``).
+        device: ``cpu``, ``cuda`` (under torchrun: ``cuda:LOCAL_RANK`` on each rank), ...
+        dtype: ``"float32"`` or ``"float64"``, of the model and the batches.
+        distributed: ``None`` detects torchrun (more than one process) or an initialised
+            process group; ``True`` requires one; ``False`` always runs as one process.
+        backend: the process group's backend, ``gloo`` or ``nccl`` (default: gloo on the CPU,
+            NCCL on CUDA).
     """
 
     out: Path
@@ -66,6 +105,9 @@ class TrainSettings:
     progress: bool = True
     tensorboard: bool = False
     device: str = "cpu"
+    dtype: str = "float32"
+    distributed: bool | None = None
+    backend: str | None = None
 
 
 class Task:
@@ -84,6 +126,8 @@ class Task:
         raise NotImplementedError
 
     def sample_batch(self, generator: torch.Generator) -> torch.Tensor:
+        """The next global batch ``(batch_size, ...)``; under DDP each rank trains on its slice
+        of rows, so draw everything from ``generator`` (the same on every rank)."""
         raise NotImplementedError
 
     def loss(self, model: nn.Module, batch: torch.Tensor) -> tuple[torch.Tensor, dict]:
@@ -106,15 +150,40 @@ class _RunState:
 
 
 def train(task: Task, settings: TrainSettings) -> dict:
-    """Runs ``task`` under ``settings``; returns the metrics also written to metrics.json."""
+    """Runs ``task`` under ``settings``; returns the metrics also written to metrics.json (in a
+    multi-process run, rank 0's metrics on every rank)."""
+    group, device = setup_process_group(
+        torch.device(settings.device), settings.distributed, settings.backend
+    )
+    try:
+        return _train(task, settings, group, device)
+    finally:
+        if group.distributed:
+            # DistributedDataParallel sits in reference cycles: collect it while its process
+            # group exists (freed at interpreter exit instead, it can abort the process).
+            gc.collect()
+        group.close()
+
+
+def _train(task: Task, settings: TrainSettings, group: ProcessGroup, device) -> dict:
     out = Path(settings.out)
-    out.mkdir(parents=True, exist_ok=True)
     ckpt_path = out / CHECKPOINT_NAME
+    if settings.dtype not in DTYPES:
+        raise ValueError(f"dtype must be one of {sorted(DTYPES)}, got {settings.dtype!r}")
+    dtype = DTYPES[settings.dtype]
     config = {"task": task.name, **task.config()}
-    device = torch.device(settings.device)
+    if dtype != torch.float32:  # checkpoints of float32 runs predate the option
+        config["dtype"] = settings.dtype
+    _check_batch_size(getattr(task, "batch_size", None), group)
+    if group.is_main:  # only rank 0 writes
+        out.mkdir(parents=True, exist_ok=True)
 
     torch.manual_seed(settings.seed)
-    model = task.build_model().to(device)
+    model = task.build_model().to(device=device, dtype=dtype)
+
+    def placed(batch: torch.Tensor) -> torch.Tensor:
+        return batch.to(device=device, dtype=dtype if batch.is_floating_point() else None)
+
     optimizer = torch.optim.Adam(
         model.parameters(), lr=settings.lr, weight_decay=settings.weight_decay
     )
@@ -129,42 +198,68 @@ def train(task: Task, settings: TrainSettings) -> dict:
         ckpt = load_checkpoint(ckpt_path, expected={"config": config})
         load_module_state(model, ckpt["model"])
         optimizer.load_state_dict(ckpt["optimizer"])
-        if ckpt.get("ema") is not None:
+        if ckpt.get("ema") is not None and group.is_main:
             ema = EMA(model, settings.ema_decay)
             load_module_state(ema, ckpt["ema"], what="EMA")
-        restore_rng_state(ckpt["rng"], {"data": data_gen})
         state = _RunState(ckpt["step"], ckpt["seconds"], list(ckpt.get("history", [])))
+        _restore_rng(ckpt, group, settings.seed, state.step, data_gen)
+    elif group.rank > 0:
+        torch.manual_seed(rank_seed(settings.seed, group.rank))
+
+    model.train()
+    wrapped = None  # the DistributedDataParallel module of a multi-process run
+    if group.distributed:
+        if _has_lazy_state(model):
+            _first_batch_pass(task, model, data_gen, placed)
+        wrapped = DistributedDataParallel(
+            _LossOf(task, model), device_ids=[device.index] if device.type == "cuda" else None
+        )
+
+    def loss_of(batch):
+        return task.loss(model, batch) if wrapped is None else wrapped(batch)
 
     def save():
-        save_checkpoint(
-            ckpt_path,
-            {
+        rng = group.gather(capture_rng_state({"data": data_gen}))  # every rank's
+
+        def write():
+            payload = {
                 "config": config,
                 "model": model.state_dict(),
                 "optimizer": optimizer.state_dict(),
                 "ema": None if ema is None else ema.state_dict(),
-                "rng": capture_rng_state({"data": data_gen}),
+                "rng": rng[0],
                 "step": state.step,
                 "seconds": state.seconds,
                 "history": state.history,
-            },
-            require_finite=True,  # NaN weights never replace the last good checkpoint
-        )
+                "world_size": group.world_size,
+            }
+            if group.distributed:
+                payload["rng_per_rank"] = rng
+            # NaN weights never replace the last good checkpoint
+            save_checkpoint(ckpt_path, payload, require_finite=True)
 
-    log = _Log(out, settings, resume=settings.resume)
-    bar = _progress(settings, state.step)
-    model.train()
+        group.run_on_main(write, "writing the checkpoint")
+
+    log = _Log(out, settings, resume=settings.resume) if group.is_main else None
+    bar = _progress(settings, state.step) if group.is_main else None
     try:
         while state.step < settings.steps:
-            if settings.time_budget is not None and state.seconds >= settings.time_budget:
+            if settings.time_budget is not None and group.from_main(
+                state.seconds >= settings.time_budget  # rank 0's clock decides for all
+            ):
                 break
             started = time.perf_counter()
-            batch = task.sample_batch(data_gen).to(device)
-            loss, metrics = task.loss(model, batch)
-            if not bool(torch.isfinite(loss.detach())):
+            batch = placed(_shard(task.sample_batch(data_gen), group))
+            loss, metrics = loss_of(batch)
+            loss_value, metrics, bad_ranks = _reduce_step(loss, metrics, group)
+            if bad_ranks:
                 kept = ckpt_path if ckpt_path.exists() else "none yet"
+                where = ""
+                if group.distributed:
+                    where = f" (non-finite on rank {', '.join(map(str, bad_ranks))} of "
+                    where += f"{group.world_size})"
                 raise NonFiniteLossError(
-                    f"the loss is {float(loss.detach()):g} at step {state.step + 1}; stopping. "
+                    f"the loss is {loss_value:g} at step {state.step + 1}{where}; stopping. "
                     f"The last good checkpoint ({kept}) is kept; lower --lr or add --grad-clip"
                 )
             optimizer.zero_grad(set_to_none=True)
@@ -172,21 +267,23 @@ def train(task: Task, settings: TrainSettings) -> dict:
             if settings.grad_clip is not None:
                 nn.utils.clip_grad_norm_(model.parameters(), settings.grad_clip)
             optimizer.step()
-            if ema is None:
-                ema = EMA(model, settings.ema_decay)
-            else:
-                ema.update(model)
+            if group.is_main:  # only rank 0 evaluates and saves the EMA weights
+                if ema is None:
+                    ema = EMA(model, settings.ema_decay)
+                else:
+                    ema.update(model)
             state.step += 1
             state.seconds += time.perf_counter() - started
             row = {
                 "step": state.step,
                 "seconds": round(state.seconds, 3),
-                "loss": float(loss.detach()),
+                "loss": loss_value,
                 **metrics,
             }
             if state.step % settings.log_every == 0 or state.step == 1:
-                log.write(row)
                 state.history.append(row)
+                if log is not None:
+                    log.write(row)
                 if bar is not None:
                     bar.set_postfix({k: _short(v) for k, v in row.items() if k != "step"})
             if bar is not None:
@@ -194,25 +291,139 @@ def train(task: Task, settings: TrainSettings) -> dict:
             if state.step % settings.ckpt_every == 0:
                 save()
     finally:
+        wrapped = None  # unreachable now, also from a traceback (see train)
         if bar is not None:
             bar.close()
-        log.close()
+        if log is not None:
+            log.close()
     save()
 
-    eval_model = ema.shadow if ema is not None else model
-    eval_model.eval()
-    metrics = {
-        "task": task.name,
-        "iterations": state.step,
-        "seconds": round(state.seconds, 3),
-        **task.evaluate(eval_model),
+    def evaluate():
+        eval_model = ema.shadow if ema is not None else model
+        eval_model.eval()
+        metrics = {
+            "task": task.name,
+            "iterations": state.step,
+            "seconds": round(state.seconds, 3),
+            "world_size": group.world_size,
+            **task.evaluate(eval_model),
+        }
+        metrics["figures"] = [str(p) for p in task.figures(eval_model, out)]
+        metrics["settings"] = {
+            k: (str(v) if isinstance(v, Path) else v) for k, v in asdict(settings).items()
+        }
+        (out / "metrics.json").write_text(json.dumps(metrics, indent=2) + "\n")
+        return metrics
+
+    return group.run_on_main(evaluate, "the final evaluation")
+
+
+class _LossOf(nn.Module):
+    """``forward(batch) = task.loss(model, batch)``. DDP synchronises only what runs inside
+    its module's ``forward``, and tasks call other methods (``log_prob``, submodules)."""
+
+    def __init__(self, task: Task, model: nn.Module):
+        super().__init__()
+        self.model = model
+        self.task = task  # not a module: a plain attribute
+
+    def forward(self, batch):
+        return self.task.loss(self.model, batch)
+
+
+def _check_batch_size(batch_size, group: ProcessGroup) -> None:
+    if group.distributed and isinstance(batch_size, int) and batch_size % group.world_size:
+        raise ValueError(
+            f"--batch-size {batch_size} is the global batch, split evenly over the "
+            f"{group.world_size} processes: it must be divisible by {group.world_size}"
+        )
+
+
+def _shard(batch: torch.Tensor, group: ProcessGroup) -> torch.Tensor:
+    """This rank's contiguous slice of the global batch (the whole batch in one process)."""
+    if not group.distributed:
+        return batch
+    _check_batch_size(batch.shape[0], group)
+    size = batch.shape[0] // group.world_size
+    return batch.narrow(0, group.rank * size, size)
+
+
+def _reduce_step(loss: torch.Tensor, metrics: dict, group: ProcessGroup):
+    """``(loss, metrics, ranks with a non-finite loss)`` with the loss and numeric metrics
+    averaged over ranks (equal shards: the global-batch means), in one collective."""
+    value = float(loss.detach())
+    if not group.distributed:
+        return value, metrics, ([] if math.isfinite(value) else [0])
+    numeric = [
+        k for k, v in metrics.items() if isinstance(v, (int, float)) and not isinstance(v, bool)
+    ]
+    packed = torch.zeros(group.world_size + 1 + len(numeric), dtype=torch.float64)
+    packed[group.rank] = 0.0 if math.isfinite(value) else 1.0
+    packed[group.world_size] = value
+    for i, k in enumerate(numeric):
+        packed[group.world_size + 1 + i] = float(metrics[k])
+    total = group.sum(packed)
+    bad = [r for r in range(group.world_size) if total[r] > 0]
+    means = (total[group.world_size :] / group.world_size).tolist()
+    averaged = dict(metrics)
+    for k, v in zip(numeric, means[1:]):
+        averaged[k] = v
+    return means[0], averaged, bad
+
+
+def _restore_rng(ckpt: dict, group: ProcessGroup, seed: int, step: int, data_gen) -> None:
+    """Each rank's own saved random state when the number of processes is unchanged;
+    otherwise rank 0's (the data stream, the same on every rank) and, on other ranks, a fresh
+    stream of their own."""
+    per_rank = ckpt.get("rng_per_rank")
+    if group.distributed and per_rank is not None and len(per_rank) == group.world_size:
+        restore_rng_state(per_rank[group.rank], {"data": data_gen})
+        return
+    restore_rng_state(ckpt["rng"], {"data": data_gen})
+    if group.rank > 0:
+        torch.manual_seed(rank_seed(seed, group.rank, step))
+
+
+def _has_lazy_state(model: nn.Module) -> bool:
+    """Whether a layer still waits for data: an ``initialized`` flag that is False (ActNorm)
+    or an empty placeholder buffer (a spectral convolution's vectors before the first
+    forward)."""
+    for name, buf in model.named_buffers():
+        if buf.numel() == 0:
+            return True
+        if name.rsplit(".", 1)[-1] == "initialized" and not bool(buf.all()):
+            return True
+    return False
+
+
+def _first_batch_pass(task: Task, model: nn.Module, data_gen, placed) -> None:
+    """Settles data-dependent initialisation and lazily created buffers before DDP wraps the
+    model (DDP broadcasts rank 0's state when it wraps, and afterwards only the buffers it
+    found then), by one loss evaluation on the first global batch on every rank.
+
+    ActNorm then initialises from the statistics of the global batch, exactly as the first
+    step of a single process would. The data generator and the random state are left as they
+    were, and so are the buffers of every layer that did not initialise or create buffers in
+    this pass (power-iteration vectors: the first step runs its iterations as usual).
+    """
+    before = {
+        id(m): {n: b.detach().clone() for n, b in m.named_buffers(recurse=False)}
+        for m in model.modules()
     }
-    metrics["figures"] = [str(p) for p in task.figures(eval_model, out)]
-    metrics["settings"] = {
-        k: (str(v) if isinstance(v, Path) else v) for k, v in asdict(settings).items()
-    }
-    (out / "metrics.json").write_text(json.dumps(metrics, indent=2) + "\n")
-    return metrics
+    data_state = data_gen.get_state()
+    batch = placed(task.sample_batch(data_gen))
+    data_gen.set_state(data_state)
+    with torch.random.fork_rng(devices=[batch.device] if batch.device.type == "cuda" else []):
+        task.loss(model, batch)
+    with torch.no_grad():
+        for m in model.modules():
+            old, now = before[id(m)], dict(m.named_buffers(recurse=False))
+            settled = "initialized" in now or any(
+                name not in old or old[name].shape != buf.shape for name, buf in now.items()
+            )
+            if not settled:
+                for name, buf in now.items():
+                    buf.copy_(old[name])
 
 
 def _short(v):
