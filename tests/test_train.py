@@ -175,3 +175,15 @@ def test_module_entry_point_runs():
         timeout=120,
     )
     assert out.returncode == 0 and "--time-budget" in out.stdout
+
+
+def test_cosine_schedule_decays_to_zero(tmp_path):
+    from impflow.train.loop import lr_factor
+
+    assert lr_factor("cosine", 0.0) == 1.0 and lr_factor("cosine", 1.0) == 0.0
+    assert lr_factor("cosine", 0.5) == pytest.approx(0.5) and lr_factor("constant", 0.7) == 1.0
+    with pytest.raises(ValueError, match="lr_schedule"):
+        lr_factor("linear", 0.5)
+    train(QuickToy(), settings(tmp_path, steps=40, lr_schedule="cosine"))
+    lr = load_checkpoint(tmp_path / "checkpoint.pt")["optimizer"]["param_groups"][0]["lr"]
+    assert lr == pytest.approx(1e-3 * lr_factor("cosine", 39 / 40))  # set before the last step

@@ -13,7 +13,7 @@ from impflow.data.images import CIFAR10_FILES, IMAGE_DATASETS
 from impflow.data.tabular import TABULAR_DATASETS
 from impflow.data.toy import TOY_DATASETS
 from impflow.train.distributed import BACKENDS, torchrun_environment
-from impflow.train.loop import NonFiniteLossError, TrainSettings, train
+from impflow.train.loop import LR_SCHEDULES, NonFiniteLossError, TrainSettings, train
 from impflow.train.models import MODEL_KINDS
 
 __all__ = ["main"]
@@ -77,6 +77,12 @@ def _common(p: argparse.ArgumentParser, *, steps, batch_size, lr=1e-3):
         help="global batch: under torchrun, split evenly over the processes",
     )
     p.add_argument("--lr", type=_positive_float, default=lr)
+    p.add_argument(
+        "--lr-schedule",
+        choices=LR_SCHEDULES,
+        default="constant",
+        help="cosine: decay to 0 over --steps or --time-budget, whichever ends first",
+    )
     p.add_argument("--weight-decay", type=float, default=0.0)
     p.add_argument("--ema-decay", type=float, default=0.99)
     p.add_argument("--grad-clip", type=_positive_float, default=None)
@@ -237,6 +243,7 @@ def settings_from(args) -> TrainSettings:
         steps=args.steps,
         time_budget=args.time_budget,
         lr=args.lr,
+        lr_schedule=args.lr_schedule,
         weight_decay=args.weight_decay,
         ema_decay=args.ema_decay,
         grad_clip=args.grad_clip,

@@ -76,6 +76,14 @@ class ProcessGroup:
         dist.broadcast(value, src=0)
         return bool(value.item())
 
+    def main_value(self, value: float) -> float:
+        """Rank 0's ``value``, on every rank (e.g. its training clock)."""
+        if not self.distributed:
+            return value
+        t = torch.tensor([float(value)], dtype=torch.float64, device=self.comm_device)
+        dist.broadcast(t, src=0)
+        return float(t.item())
+
     def sum(self, values: torch.Tensor) -> torch.Tensor:
         """The elementwise sum over ranks of the float64 vector ``values`` (returned on the CPU)."""
         if not self.distributed:

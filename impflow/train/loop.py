@@ -61,6 +61,28 @@ CHECKPOINT_NAME = "checkpoint.pt"
 DTYPES = {"float32": torch.float32, "float64": torch.float64}
 
 
+LR_SCHEDULES = ("constant", "cosine")
+
+
+def lr_factor(schedule: str, progress: float) -> float:
+    """The learning rate's multiplier at ``progress`` in [0, 1] of the run: 1 (``constant``) or
+    ``(1 + cos(π·progress)) / 2`` (``cosine``, from 1 down to 0)."""
+    if schedule == "constant":
+        return 1.0
+    if schedule == "cosine":
+        return 0.5 * (1.0 + math.cos(math.pi * min(max(progress, 0.0), 1.0)))
+    raise ValueError(f"lr_schedule must be one of {LR_SCHEDULES}, got {schedule!r}")
+
+
+def _progress_of(step: int, seconds: float, settings) -> float:
+    """How far the run is: the larger of the step and time fractions (a time-budgeted run's
+    schedule therefore follows the clock, and is not bit-reproducible across machines)."""
+    progress = step / settings.steps
+    if settings.time_budget:
+        progress = max(progress, seconds / settings.time_budget)
+    return progress
+
+
 class NonFiniteLossError(RuntimeError):
     """The loss became NaN or Inf; the last good checkpoint is kept."""
 
@@ -75,6 +97,8 @@ class TrainSettings:
         time_budget: seconds of training in all (resumed runs count the time already spent);
             ``None`` for no limit. The run stops cleanly before a step that would start after it.
         lr, weight_decay: Adam's.
+        lr_schedule: ``"constant"`` or ``"cosine"`` (to 0 at the end of ``steps`` or of
+            ``time_budget``, whichever comes first; see :func:`lr_factor`).
         ema_decay: decay of the evaluation weights' moving average.
         grad_clip: clip the gradient norm to this (``None``: no clipping).
         log_every: steps between log rows (and progress-bar updates).
@@ -95,6 +119,7 @@ class TrainSettings:
     steps: int = 1000
     time_budget: float | None = None
     lr: float = 1e-3
+    lr_schedule: str = "constant"
     weight_decay: float = 0.0
     ema_decay: float = 0.99
     grad_clip: float | None = None
@@ -244,10 +269,14 @@ def _train(task: Task, settings: TrainSettings, group: ProcessGroup, device) -> 
     bar = _progress(settings, state.step) if group.is_main else None
     try:
         while state.step < settings.steps:
-            if settings.time_budget is not None and group.from_main(
-                state.seconds >= settings.time_budget  # rank 0's clock decides for all
-            ):
+            # rank 0's clock decides for all: the stop, and the progress the schedule follows
+            seconds = group.main_value(state.seconds) if settings.time_budget else 0.0
+            if settings.time_budget is not None and seconds >= settings.time_budget:
                 break
+            for param_group in optimizer.param_groups:
+                param_group["lr"] = settings.lr * lr_factor(
+                    settings.lr_schedule, _progress_of(state.step, seconds, settings)
+                )
             started = time.perf_counter()
             batch = placed(_shard(task.sample_batch(data_gen), group))
             loss, metrics = loss_of(batch)
