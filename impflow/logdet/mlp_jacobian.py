@@ -76,7 +76,9 @@ def mlp_value_and_jacobian(g, x: Tensor, *, create_graph: bool) -> tuple[Tensor,
         # Tangents: tangent[j, b] = ∂h_b / ∂x_b,j, shape (d, B, width) ((d, 1, width) until the
         # first activation): each direction is a contiguous (B, width) slab, so act'(h) scales
         # all of them by one broadcast and each layer maps them as d·B extra rows.
-        tangent = weights[0].t().unsqueeze(1)
+        # (contiguous: the products below then keep the (d, B, width) layout that folds into one
+        # matrix product, rather than inherit the strides of the transposed weight).
+        tangent = weights[0].t().contiguous().unsqueeze(1)
         for act, linear, weight in zip(activations, linears[1:], weights[1:]):
             tangent = activation_derivative(act, h) * tangent
             h = F.linear(act(h), weight, linear.bias)
