@@ -66,7 +66,7 @@ def value_and_jacobian(
     d = per_sample_dim(x)
     if d > max_dim:
         raise ValueError(
-            f"the brute-force Jacobian needs {d} products per sample (per-sample dimension "
+            f"the per-sample Jacobian has {d}² entries per sample (per-sample dimension "
             f"{d} > max_dim={max_dim}); use roulette_logdet for large dimensions, or raise max_dim"
         )
     create_graph = resolve_create_graph(create_graph) and module_needs_graph(g, x)

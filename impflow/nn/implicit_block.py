@@ -51,7 +51,8 @@ class ImplicitBlock(BlockBase):
             be deterministic.
         g_z: the same for ``z``.
         logdet: ``"auto"`` (default: exact up to per-sample dimension 10, series otherwise),
-            ``"exact"`` (brute-force Jacobian + ``slogdet``, with a check that each Jacobian has
+            ``"exact"`` (per-sample Jacobian, from one forward-mode pass for a ``LipschitzMLP``,
+            + ``slogdet`` or its closed form for ``d ≤ 2``, with a check that each Jacobian has
             spectral norm < 1), ``"series"`` (unbiased Russian roulette: 2 exact terms in
             training, 20 in evaluation, geometric(0.5) extra terms, one Rademacher probe; a
             diverging series raises :class:`~impflow.logdet.SeriesDivergenceError`), a dict of
