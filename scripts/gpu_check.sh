@@ -3,7 +3,7 @@
 # CUDA cases included), the C++ tests, and the main benchmark on CPU and GPU.
 # Usage: scripts/gpu_check.sh OUT_DIR
 #   (writes OUT_DIR/gpu_check.log, solver_speed.json, power_iteration.json, logdet.json,
-#   train_step.json, end_to_end.json)
+#   exact_logdet.json, train_step.json, end_to_end.json)
 #   PYTHON (default python3), IMPFLOW_CUDA_ARCHS (default: the GPU's own), MAX_JOBS (default 8)
 set -uo pipefail
 out="${1:?usage: scripts/gpu_check.sh OUT_DIR}"
@@ -30,6 +30,7 @@ step() {  # step NAME COMMAND...: runs it, logs it, remembers a failure and goes
   step "benchmark" "$py" benchmarks/solver_speed.py --out "$out/solver_speed.json"
   step "power iteration" "$py" benchmarks/power_iteration.py --out "$out/power_iteration.json"
   step "logdet" "$py" benchmarks/logdet.py --out "$out/logdet.json"
+  step "exact logdet" "$py" benchmarks/exact_logdet.py --out "$out/exact_logdet.json"
   step "train step" "$py" benchmarks/train_step.py --out "$out/train_step.json"
   step "end to end" "$py" benchmarks/end_to_end.py --out "$out/end_to_end.json"
   echo "=== done: ${#failed[@]} step(s) failed ${failed[*]:-}"

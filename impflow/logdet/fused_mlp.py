@@ -33,7 +33,6 @@ References:
 from __future__ import annotations
 
 import contextlib
-import math
 import weakref
 
 import torch
@@ -41,55 +40,21 @@ import torch.nn.functional as F
 from torch import Tensor
 
 from impflow._extension import has_cuda_kernels
+from impflow.logdet._mlp_layers import activation_derivative, mlp_layers
 from impflow.logdet.products import (
     VJPSeries,
     autograd_vjp_series,
     register_vjp_powers,
 )
-from impflow.nn.activations import ELU, Identity, LipSwish, Sin, Softplus, Tanh
 from impflow.nn.lipschitz_mlp import LipschitzMLP
-from impflow.nn.spectral import SpectralLinear
 from impflow.ops.mlp_vjp_series import mlp_vjp_series
 
 __all__ = ["fused_vjp_powers", "fused_vjp_series", "record_forward", "supports_fused"]
 
-_TWO_PI = 2.0 * math.pi
-
-
-def _lipswish_derivative(act: LipSwish, z: Tensor) -> Tensor:
-    beta = act.beta.to(z.dtype)
-    u = beta * z
-    s = torch.sigmoid(u)
-    return (s + u * s * (1 - s)) / 1.1
-
-
-# act'(z) for each supported activation type (exact types: a subclass may change forward).
-DERIVATIVES = {
-    Sin: lambda act, z: torch.cos(_TWO_PI * z),
-    LipSwish: _lipswish_derivative,
-    # exp of the clamped input: no inf in the unused branch (whose gradient would be NaN).
-    ELU: lambda act, z: torch.where(z > 0, torch.ones_like(z), torch.exp(z.clamp(max=0))),
-    # torch's softplus is the identity above 20 (derivative 1), as here.
-    Softplus: lambda act, z: torch.where(z > 20, torch.ones_like(z), torch.sigmoid(z)),
-    Tanh: lambda act, z: 1 - torch.tanh(z) ** 2,
-    Identity: lambda act, z: torch.ones_like(z),
-}
-
-
-def _layers(g) -> tuple[list, list] | None:
-    """``(linears, activations)`` of a standard ``LipschitzMLP``, else ``None``."""
-    modules = list(g)
-    linears, activations = modules[0::2], modules[1::2]
-    if len(modules) % 2 == 0 or not all(type(m) is SpectralLinear for m in linears):
-        return None
-    if not all(type(a) in DERIVATIVES for a in activations):
-        return None
-    return linears, activations
-
 
 def supports_fused(g, x: Tensor) -> bool:
     """Whether :func:`fused_vjp_series` uses the fused op for ``g`` at ``x`` (else autograd)."""
-    layers = _layers(g) if isinstance(g, LipschitzMLP) else None
+    layers = mlp_layers(g)
     if layers is None or x.dtype not in (torch.float32, torch.float64):
         return False
     if x.device.type == "cuda":
@@ -117,7 +82,7 @@ _TAPES: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()
 def record_forward(g):
     """Keeps the pre-activations of each forward of ``g`` inside the block (forward hooks),
     for :func:`fused_vjp_series` to reuse; nothing is kept after the block."""
-    layers = _layers(g)
+    layers = mlp_layers(g)
     if layers is None:
         yield
         return
@@ -168,12 +133,12 @@ def fused_vjp_series(
     :mod:`impflow.logdet.products` for the contract)."""
     if n_terms < 1 or not supports_fused(g, x):
         return autograd_vjp_series(g, x, gx, v, n_terms, coeffs, create_graph=create_graph)
-    linears, activations = _layers(g)
+    linears, activations = mlp_layers(g)
     d = x.shape[-1]
     with torch.set_grad_enabled(create_graph):
         weights = [linear.normalized_weight() for linear in linears]
         pre = _preactivations(g, linears, activations, weights, x, gx)
-        derivs = [DERIVATIVES[type(a)](a, z) for a, z in zip(activations, pre)]
+        derivs = [activation_derivative(a, z) for a, z in zip(activations, pre)]
         products, traces, series = mlp_vjp_series(
             weights,
             [t.reshape(-1, t.shape[-1]) for t in derivs],

@@ -34,6 +34,7 @@ from torch import Tensor
 
 __all__ = [
     "VJPSeries",
+    "autograd_forced",
     "autograd_products",
     "autograd_vjp_powers",
     "autograd_vjp_series",
@@ -157,8 +158,14 @@ def register_vjp_powers(
     return remove
 
 
+def autograd_forced() -> bool:
+    """Whether the caller is inside :func:`autograd_products` (registered fast paths, for
+    products and for Jacobians alike, are then bypassed)."""
+    return _FORCE_AUTOGRAD.get()
+
+
 def _implementation(g) -> _Implementation | None:
-    if _FORCE_AUTOGRAD.get():
+    if autograd_forced():
         return None
     for module_type, impl in reversed(_REGISTRY):
         if isinstance(g, module_type):
@@ -194,8 +201,9 @@ def forward_recording(g):
 
 @contextlib.contextmanager
 def autograd_products():
-    """Inside this context every ``g`` gets autograd products (registered implementations,
-    such as the fused op for ``LipschitzMLP``, are bypassed): for comparisons and benchmarks.
+    """Inside this context every ``g`` gets autograd products and autograd Jacobians
+    (registered implementations, such as the fused op and the forward-mode Jacobian for
+    ``LipschitzMLP``, are bypassed): for comparisons and benchmarks.
 
     Example:
         >>> with impflow.logdet.autograd_products():

@@ -15,6 +15,7 @@ from collections.abc import Iterator
 
 from torch import Tensor, nn
 
+from impflow.logdet.jacobian import get_jacobian, register_jacobian
 from impflow.logdet.products import get_vjp_powers, register_vjp_powers
 from impflow.nn.spectral._mixin import _SpectralNormMixin
 
@@ -83,3 +84,12 @@ def _paused_vjp_powers(g: PausedPowerIteration, x, gx, v, n_terms, *, create_gra
 
 
 register_vjp_powers(PausedPowerIteration, _paused_vjp_powers)
+
+
+def _paused_jacobian(g: PausedPowerIteration, x, *, create_graph):
+    # Likewise for the Jacobian (the forward-mode one of a LipschitzMLP, say).
+    with power_iteration_paused(g.net):
+        return get_jacobian(g.net)(g.net, x, create_graph=create_graph)
+
+
+register_jacobian(PausedPowerIteration, _paused_jacobian)

@@ -23,17 +23,24 @@ How the gradient reaches everything through ordinary autograd:
 
 No network is copied. Quantities differentiated with respect to ``y`` (the log-det term
 ``log det(I + J_{g_out}(y))``) take their derivatives on private nodes of ``y`` (the estimators'
-``prepare``), so the adjoint runs once, on the sum of every gradient that reaches ``y``.
+``prepare``) or none at all (the forward-mode Jacobian), so the adjoint runs once, on the sum of
+every gradient that reaches ``y``.
+
+With the exact log-det, the blocks reuse what its one evaluation of a network gives: ``g_in(u)``
+(with graph) serves as the re-attached ``c``, and ``J_{g_out}(y*)`` (detached) is handed to the
+exact adjoint solve, which then takes no vector-Jacobian products.
 """
 
 from __future__ import annotations
 
 import math
+from dataclasses import dataclass
 
 import torch
 from torch import Tensor, nn
 
-from impflow.logdet import batch_jacobian
+from impflow.logdet import value_and_jacobian
+from impflow.logdet.exact import logdet_identity_plus, spectral_norm_bound
 from impflow.nn._block_settings import (
     AUTO_EXACT_MAX_DIM,
     BlockStats,
@@ -45,7 +52,15 @@ from impflow.nn._flow_common import per_sample
 from impflow.nn._frozen import PausedPowerIteration
 from impflow.solvers import SolverStats
 
-__all__ = ["call_net", "check_result", "logdet_term", "needs_graph", "solve_implicit"]
+__all__ = [
+    "AdjointState",
+    "LogdetTerm",
+    "call_net",
+    "check_result",
+    "logdet_term",
+    "needs_graph",
+    "solve_implicit",
+]
 
 
 def call_net(g: nn.Module, t: Tensor, name: str, arg: str, where: str) -> Tensor:
@@ -83,8 +98,13 @@ def needs_graph(t: Tensor, *nets) -> bool:
 # The adjoint
 
 
-class _AdjointState:
-    """What the backward pass needs: the graph of ``g_out(y_leaf)`` and where to record."""
+class AdjointState:
+    """What the backward pass needs: the graph of ``g_out(y_leaf)`` and where to record.
+
+    ``jacobian``: ``J_{g_out}(y*)`` ``(B, d, d)``, detached, when the caller already computed it
+    (the exact log-det term at the root, :meth:`use_jacobian`); the exact adjoint then takes
+    no products.
+    """
 
     def __init__(self, gy, y_leaf, config, record, field, where, on_failure):
         self.gy = gy
@@ -94,6 +114,12 @@ class _AdjointState:
         self.field = field
         self.where = where
         self.on_failure = on_failure
+        self.jacobian: Tensor | None = None
+
+    def use_jacobian(self, jac: Tensor | None) -> None:
+        """Hands over ``J_{g_out}(y*)`` (from the same weights as ``gy``), or nothing."""
+        if jac is not None:
+            self.jacobian = jac.detach()
 
     def vjp(self, a: Tensor) -> Tensor:
         """``aᵀ J_{g_out}(y*)`` per sample."""
@@ -101,13 +127,16 @@ class _AdjointState:
         return torch.zeros_like(a) if r is None else r
 
 
-def _exact_adjoint(state: _AdjointState, grad: Tensor, tol: float):
-    """``a`` from ``(I + J)ᵀ a = ∂L/∂y`` with the per-sample Jacobian built by ``d`` products
-    and solved in float64; statistics in the form of a solver's (``nstep`` 0)."""
+def _exact_adjoint(state: AdjointState, grad: Tensor, tol: float):
+    """``a`` from ``(I + J)ᵀ a = ∂L/∂y`` with the per-sample Jacobian (handed over, else built
+    by ``d`` products) solved in float64; statistics in the form of a solver's (``nstep`` 0)."""
     b, d = grad.shape[0], grad[0].numel()
-    eye = torch.eye(d, dtype=grad.dtype, device=grad.device)
-    rows = [per_sample(state.vjp(eye[i].expand(b, d).reshape(grad.shape))) for i in range(d)]
-    m = torch.eye(d, dtype=torch.float64, device=grad.device) + torch.stack(rows, 1).double()
+    jac, n_products = state.jacobian, 0
+    if jac is None or jac.shape != (b, d, d):
+        eye = torch.eye(d, dtype=grad.dtype, device=grad.device)
+        rows = [per_sample(state.vjp(eye[i].expand(b, d).reshape(grad.shape))) for i in range(d)]
+        jac, n_products = torch.stack(rows, 1), d
+    m = torch.eye(d, dtype=torch.float64, device=grad.device) + jac.double()
     rhs = per_sample(grad).double()
     a, info = torch.linalg.solve_ex(m.transpose(1, 2), rhs.unsqueeze(-1))
     if bool((info != 0).any()):
@@ -131,7 +160,7 @@ def _exact_adjoint(state: _AdjointState, grad: Tensor, tol: float):
         diverged=torch.zeros(b, dtype=torch.bool, device=grad.device),
         nonfinite=~finite,
         tol_floor=floor.to(grad.dtype),
-        n_fn_evals=d,
+        n_fn_evals=n_products,
         tol=tol,
         stop_mode="rel",
         max_iter=1,
@@ -139,7 +168,7 @@ def _exact_adjoint(state: _AdjointState, grad: Tensor, tol: float):
     return a.reshape(grad.shape), stats
 
 
-def _solve_adjoint(state: _AdjointState, grad: Tensor) -> Tensor:
+def _solve_adjoint(state: AdjointState, grad: Tensor) -> Tensor:
     config = state.config
     if config.use_exact(grad[0].numel()):
         a, stats = _exact_adjoint(state, grad, config.tol_for(grad.dtype))
@@ -163,7 +192,7 @@ class _ImplicitAdjoint(torch.autograd.Function):
     """Value: the root ``y*``. Gradient: ``∂L/∂F = a`` with ``aᵀ J_G(y*) = ∂L/∂y``."""
 
     @staticmethod
-    def forward(ctx, F: Tensor, root: Tensor, state: _AdjointState) -> Tensor:
+    def forward(ctx, F: Tensor, root: Tensor, state: AdjointState) -> Tensor:
         ctx.state = state
         return root.clone()
 
@@ -200,7 +229,8 @@ def solve_implicit(
     fields: tuple[str, str],
     where: str,
     on_failure: str,
-) -> Tensor:
+    g_in_value: Tensor | None = None,
+) -> tuple[Tensor, AdjointState | None]:
     """The root ``y`` of ``g_in(u) + u - g_out(y) - y = 0`` (``g_in=None``: ``u - g_out(y) - y``),
     differentiable with respect to ``u`` and the parameters by the adjoint method.
 
@@ -212,15 +242,24 @@ def solve_implicit(
         stats: where the statistics go; ``fields``: the attribute for the root solve and the
             one for its adjoint solve.
         where, on_failure: for messages, and whether a failed solve raises or warns.
+        g_in_value: ``g_in(u)`` when the caller already evaluated it (the exact log-det term
+            does), with graph wherever one is needed; ``None``: evaluated here.
 
     Returns:
-        ``y`` of ``u``'s shape: the lowest-residual iterate of each sample, attached to the
-        graph when one is needed.
+        ``(y, state)``: ``y`` of ``u``'s shape, the lowest-residual iterate of each sample,
+        attached to the graph when one is needed; ``state``: its :class:`AdjointState` (to
+        hand over ``J_{g_out}(y)`` with :meth:`AdjointState.use_jacobian`), ``None`` without
+        graph.
     """
     name_in, name_out, arg_in, arg_out = names
     graph = needs_graph(u, g_in, g_out)
     with torch.set_grad_enabled(graph):
-        c = u if g_in is None else u + call_net(g_in, u, name_in, arg_in, where)
+        if g_in is None:
+            c = u
+        elif g_in_value is not None:
+            c = u + g_in_value
+        else:
+            c = u + call_net(g_in, u, name_in, arg_in, where)
     c_const = c.detach()
 
     def residual(y):
@@ -238,31 +277,54 @@ def solve_implicit(
             solve_stats,
         )
     if not graph:
-        return root
+        return root, None
     with torch.enable_grad():
         y_leaf = root.detach().requires_grad_(True)
         gy = call_net(g_out, y_leaf, name_out, arg_out, where)
         F = c - gy - root
-    state = _AdjointState(
+    state = AdjointState(
         gy, y_leaf, adjoint, lambda f, s: setattr(stats, f, s), fields[1], where, on_failure
     )
-    return _ImplicitAdjoint.apply(F, root, state)
+    return _ImplicitAdjoint.apply(F, root, state), state
 
 
 # --------------------------------------------------------------------------------------------
 # Log-determinant terms
 
 
-def _exact_term(g, t: Tensor, name: str, arg: str, where: str, on_failure: str) -> Tensor:
-    """``log det(I + J_g(t))`` by brute-force Jacobian and ``slogdet``, and a check that
-    ``‖J_g(t)‖₂ < 1`` (a necessary condition for ``Lip(g) < 1``)."""
-    jac = batch_jacobian(g, t)
-    eye = torch.eye(jac.shape[-1], dtype=jac.dtype, device=jac.device)
-    sign, logabsdet = torch.linalg.slogdet(eye + jac)
-    with torch.no_grad():
-        norm = torch.linalg.matrix_norm(jac.detach(), ord=2)
-        bad_sign = ~(sign > 0)
-        bad_norm = ~(norm < 1)
+@dataclass(frozen=True)
+class LogdetTerm:
+    """One term ``log det(I + J_g(t))`` of a block's log-determinant.
+
+    Attributes:
+        value: ``(B,)``, differentiable when a graph is needed.
+        stats: a :class:`~impflow.logdet.LogdetStats` for a series estimate, else ``None``.
+        net_value: ``g(t)`` from the same evaluation (exact log-det), with graph when
+            ``value`` has one; ``None`` for a series estimate.
+        jacobian: ``J_g(t)`` ``(B, d, d)``, detached (exact log-det), else ``None``.
+    """
+
+    value: Tensor
+    stats: object = None
+    net_value: Tensor | None = None
+    jacobian: Tensor | None = None
+
+
+def _exact_term(g, t: Tensor, name: str, arg: str, where: str, on_failure: str) -> LogdetTerm:
+    """``log det(I + J_g(t))`` from ``g(t)`` and the per-sample Jacobian in one evaluation
+    (forward mode for a ``LipschitzMLP``, :mod:`impflow.logdet.jacobian`), and a check that
+    ``‖J_g(t)‖₂ < 1`` (a necessary condition for ``Lip(g) < 1``; closed form for ``d ≤ 2``, an
+    SVD only for the samples whose Frobenius norm is ``≥ 1`` otherwise)."""
+    try:
+        gt, jac = value_and_jacobian(g, t)
+    except (RuntimeError, TypeError, ValueError):
+        # Where g itself fails on t (or changes its shape or dtype), the block's own message.
+        call_net(g, t, name, arg, where)
+        raise
+    logabsdet, positive = logdet_identity_plus(jac)
+    norm = spectral_norm_bound(jac)  # = ‖J‖₂ wherever that is ≥ 1, so the max is exact then
+    bad_sign = ~positive
+    bad_norm = ~(norm < 1)
     if bool(bad_sign.any()):
         raise ValueError(
             f"{where}: det(I + J) <= 0 for {name} at {int(bad_sign.sum())} sample(s) of {arg} "
@@ -279,27 +341,27 @@ def _exact_term(g, t: Tensor, name: str, arg: str, where: str, on_failure: str) 
             category=NonContractiveWarning,
             stacklevel=5,
         )
-    return logabsdet
+    return LogdetTerm(logabsdet, net_value=gt, jacobian=jac.detach())
 
 
-def logdet_term(block, g, t: Tensor, name: str, arg: str, where: str) -> tuple[Tensor, object]:
-    """``log det(I + J_g(t))`` per sample with the block's estimator, and its statistics (a
-    :class:`~impflow.logdet.LogdetStats` for a series estimate, else ``None``). ``t`` may be
-    the re-attached root: estimators differentiate on private nodes of it."""
+def logdet_term(block, g, t: Tensor, name: str, arg: str, where: str) -> LogdetTerm:
+    """``log det(I + J_g(t))`` per sample with the block's estimator (``t`` may be the
+    re-attached root: estimators differentiate on private nodes of it, or, in forward mode,
+    not at all)."""
     if g is None:
-        return t.new_zeros(t.shape[0]), None
+        return LogdetTerm(t.new_zeros(t.shape[0]))
     # A wrapper keeps power iteration paused in any evaluation the estimator repeats later.
     net = PausedPowerIteration(g)
     mode, estimator = block.logdet_mode, block.logdet_estimator
     if mode == "exact" or (mode == "auto" and t[0].numel() <= AUTO_EXACT_MAX_DIM):
-        return _exact_term(net, t, name, arg, where, block.on_failure), None
+        return _exact_term(net, t, name, arg, where, block.on_failure)
     value = estimator(net, t)
     if not isinstance(value, Tensor) or value.shape != (t.shape[0],):
         raise ValueError(
             f"{where}: the log-det estimator must return a tensor of shape ({t.shape[0]},), got "
             f"{getattr(value, 'shape', type(value).__name__)}"
         )
-    return value.to(t.dtype), getattr(estimator, "last_stats", None)
+    return LogdetTerm(value.to(t.dtype), getattr(estimator, "last_stats", None))
 
 
 def check_result(out: Tensor, logdet: Tensor, arg: str, where: str) -> None:

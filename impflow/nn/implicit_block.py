@@ -51,7 +51,8 @@ class ImplicitBlock(BlockBase):
             be deterministic.
         g_z: the same for ``z``.
         logdet: ``"auto"`` (default: exact up to per-sample dimension 10, series otherwise),
-            ``"exact"`` (brute-force Jacobian + ``slogdet``, with a check that each Jacobian has
+            ``"exact"`` (per-sample Jacobian, from one forward-mode pass for a ``LipschitzMLP``,
+            + ``slogdet`` or its closed form for ``d ≤ 2``, with a check that each Jacobian has
             spectral norm < 1), ``"series"`` (unbiased Russian roulette: 2 exact terms in
             training, 20 in evaluation, geometric(0.5) extra terms, one Rademacher probe; a
             diverging series raises :class:`~impflow.logdet.SeriesDivergenceError`), a dict of
@@ -131,7 +132,9 @@ class ImplicitBlock(BlockBase):
         where = f"ImplicitBlock.{where}"
         check_flow_input(u, names[2], where)
         with power_iteration_paused(self.g_x, self.g_z, refresh=True):
-            y = solve_implicit(
+            # The input's term first: the exact log-det's evaluation of g_in(u) serves the solve.
+            term_in = logdet_term(self, g_in, u, names[0], names[2], where)
+            y, adjoint_state = solve_implicit(
                 g_in,
                 g_out,
                 u,
@@ -142,11 +145,13 @@ class ImplicitBlock(BlockBase):
                 fields=fields,
                 where=where,
                 on_failure=self.on_failure,
+                g_in_value=term_in.net_value,
             )
-            l_in, s_in = logdet_term(self, g_in, u, names[0], names[2], where)
-            l_out, s_out = logdet_term(self, g_out, y, names[1], names[3], where)
-        self.last_stats.logdet = tuple(s for s in (s_in, s_out) if s is not None)
-        logdet = l_in - l_out
+            term_out = logdet_term(self, g_out, y, names[1], names[3], where)
+            if adjoint_state is not None:
+                adjoint_state.use_jacobian(term_out.jacobian)
+        self.last_stats.logdet = tuple(t.stats for t in (term_in, term_out) if t.stats is not None)
+        logdet = term_in.value - term_out.value
         check_result(y, logdet, names[3], where)
         return y, logdet
 

@@ -74,11 +74,13 @@ class ResidualBlock(BlockBase):
         where = "ResidualBlock.forward"
         check_flow_input(x, "x", where)
         with power_iteration_paused(self.g, refresh=True):
-            z = x + call_net(self.g, x, "g", "x", where)
-            logdet, stats = logdet_term(self, self.g, x, "g", "x", where)
-        self.last_stats.logdet = () if stats is None else (stats,)
-        check_result(z, logdet, "z", where)
-        return z, logdet
+            term = logdet_term(self, self.g, x, "g", "x", where)
+            # The exact log-det evaluated g(x) (with graph) already.
+            gx = term.net_value
+            z = x + (call_net(self.g, x, "g", "x", where) if gx is None else gx)
+        self.last_stats.logdet = () if term.stats is None else (term.stats,)
+        check_result(z, term.value, "z", where)
+        return z, term.value
 
     def inverse(self, z: Tensor) -> tuple[Tensor, Tensor]:
         """``(x, logdet_inv)``: the root ``x`` of ``z - g(x) - x = 0`` and
@@ -86,7 +88,7 @@ class ResidualBlock(BlockBase):
         where = "ResidualBlock.inverse"
         check_flow_input(z, "z", where)
         with power_iteration_paused(self.g, refresh=True):
-            x = solve_implicit(
+            x, adjoint_state = solve_implicit(
                 None,
                 self.g,
                 z,
@@ -98,7 +100,9 @@ class ResidualBlock(BlockBase):
                 where=where,
                 on_failure=self.on_failure,
             )
-            logdet, stats = logdet_term(self, self.g, x, "g", "x", where)
-        self.last_stats.logdet = () if stats is None else (stats,)
-        check_result(x, logdet, "x", where)
-        return x, -logdet
+            term = logdet_term(self, self.g, x, "g", "x", where)
+            if adjoint_state is not None:
+                adjoint_state.use_jacobian(term.jacobian)
+        self.last_stats.logdet = () if term.stats is None else (term.stats,)
+        check_result(x, term.value, "x", where)
+        return x, -term.value
