@@ -2,6 +2,7 @@
 batch, give the parameter gradients of one process on the whole batch (DESIGN.md §1, §7: the
 gradients reach the parameters through ordinary autograd, where DDP's reducer sees them)."""
 
+import gc
 import os
 
 import pytest
@@ -50,6 +51,7 @@ def _worker(rank, world_size, init_file, state_path, out_dir):
     dist.init_process_group(
         "gloo", init_method=f"file://{init_file}", rank=rank, world_size=world_size
     )
+    ddp = loss = None
     try:
         model = _model()
         model.load_state_dict(torch.load(state_path))
@@ -59,6 +61,10 @@ def _worker(rank, world_size, init_file, state_path, out_dir):
         loss.backward()
         torch.save(_grads(model), os.path.join(out_dir, f"grads{rank}.pt"))
     finally:
+        # DistributedDataParallel sits in reference cycles: free it while its process group
+        # exists (freed at interpreter exit instead, it can abort the process with SIGABRT).
+        ddp = loss = None
+        gc.collect()
         dist.destroy_process_group()
 
 
