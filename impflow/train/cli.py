@@ -171,6 +171,16 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+def _network_options(args) -> dict:
+    """The options of ``_model_options``, as the tasks' keyword arguments."""
+    return {
+        "hidden": args.hidden,
+        "activation": args.activation,
+        "coeff": args.coeff,
+        "n_power_iterations": args.n_power_iterations,
+    }
+
+
 def make_task(args):
     if args.task == "toy":
         from impflow.train.toy import ToyTask
@@ -179,10 +189,7 @@ def make_task(args):
             args.data,
             args.model,
             args.blocks,
-            hidden=args.hidden,
-            activation=args.activation,
-            coeff=args.coeff,
-            n_power_iterations=args.n_power_iterations,
+            **_network_options(args),
             actnorm=args.actnorm,
             batch_size=args.batch_size,
         )
@@ -190,10 +197,7 @@ def make_task(args):
         from impflow.train.fit1d import Fit1dTask
 
         return Fit1dTask(
-            hidden=args.hidden,
-            activation=args.activation,
-            coeff=args.coeff,
-            n_power_iterations=args.n_power_iterations,
+            **_network_options(args),
             batch_size=args.batch_size,
         )
     if args.task == "tabular":
@@ -204,10 +208,7 @@ def make_task(args):
             args.root,
             args.model,
             args.blocks,
-            hidden=args.hidden,
-            activation=args.activation,
-            coeff=args.coeff,
-            n_power_iterations=args.n_power_iterations,
+            **_network_options(args),
             actnorm=not args.no_actnorm,
             logdet=args.logdet,
             batch_size=args.batch_size,
