@@ -32,6 +32,25 @@ def median_seconds(fn, device, *, min_repeats=5, min_seconds=0.5, warmup=2, max_
     return statistics.median(times), len(times)
 
 
+def interleaved_medians(calls, device, min_seconds, *, min_repeats=5, warmup=2):
+    """Median seconds of each call of ``calls`` and the repeats: one call of each per round,
+    until every call has ``min_repeats`` and ``min_seconds`` have passed, so that drifting
+    load on a shared machine affects all of them alike (side-by-side ratios)."""
+    for _ in range(warmup):
+        for call in calls:
+            call()
+    synchronize(device)
+    times = [[] for _ in calls]
+    start = time.perf_counter()
+    while len(times[0]) < min_repeats or time.perf_counter() - start < min_seconds:
+        for call, record in zip(calls, times):
+            t0 = time.perf_counter()
+            call()
+            synchronize(device)
+            record.append(time.perf_counter() - t0)
+    return [statistics.median(t) for t in times], len(times[0])
+
+
 def copy_bandwidth(device, dtype=torch.float32, megabytes=256):
     """Achieved copy bandwidth in GB/s (bytes read + bytes written) of one large buffer."""
     n = megabytes * 2**20 // torch.finfo(dtype).bits * 8

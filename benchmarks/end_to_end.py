@@ -27,14 +27,13 @@ import argparse
 import os
 import statistics
 import sys
-import time
 
 import torch
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 
 import impflow  # noqa: E402
-from _timing import machine_facts, synchronize, write_json  # noqa: E402
+from _timing import interleaved_medians, machine_facts, write_json  # noqa: E402
 from impflow.nn import update_lipschitz  # noqa: E402
 from impflow.train.evaluation import count_parameters  # noqa: E402
 from impflow.train.image import ImageTask  # noqa: E402
@@ -85,23 +84,11 @@ class Setup:
 
 
 def alternating_medians(fns, device, *, min_repeats, min_seconds, warmup=2):
-    """Median seconds per call of each function of ``fns`` (name -> fn), calling them in turn
-    until each has ``min_repeats`` calls and ``min_seconds`` have passed."""
-    for _ in range(warmup):
-        for fn in fns.values():
-            fn()
-    times = {name: [] for name in fns}
-    start = time.perf_counter()
-    while min(len(t) for t in times.values()) < min_repeats or (
-        time.perf_counter() - start < min_seconds
-    ):
-        for name, fn in fns.items():
-            synchronize(device)
-            t0 = time.perf_counter()
-            fn()
-            synchronize(device)
-            times[name].append(time.perf_counter() - t0)
-    return {name: (statistics.median(t), len(t)) for name, t in times.items()}
+    """``name -> (median seconds, repeats)`` of each function of ``fns``, called in turn."""
+    seconds, repeats = interleaved_medians(
+        list(fns.values()), device, min_seconds, min_repeats=min_repeats, warmup=warmup
+    )
+    return {name: (s, repeats) for name, s in zip(fns, seconds)}
 
 
 def bench_model(name, device, sizes, min_repeats, min_seconds):

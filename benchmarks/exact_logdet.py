@@ -21,9 +21,7 @@ that load on a shared machine hits them alike; the figure is the median.
 
 import argparse
 import os
-import statistics
 import sys
-import time
 
 import torch
 
@@ -32,7 +30,11 @@ sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 import impflow  # noqa: E402
 import impflow.logdet as L  # noqa: E402
 import impflow.nn as inn  # noqa: E402
-from _timing import machine_facts, synchronize, write_json  # noqa: E402
+from _timing import (  # noqa: E402
+    interleaved_medians,
+    machine_facts,
+    write_json,
+)
 
 DIMS = [2, 3, 5, 10]
 QUICK_DIMS = [2, 5]
@@ -84,22 +86,6 @@ def make_call(impl, mode, g, x, weights):
     return call
 
 
-def interleaved_medians(calls, device, min_seconds, min_repeats=7, warmup=2):
-    for _ in range(warmup):
-        for call in calls:
-            call()
-    synchronize(device)
-    times = [[] for _ in calls]
-    start = time.perf_counter()
-    while len(times[0]) < min_repeats or time.perf_counter() - start < min_seconds:
-        for call, record in zip(calls, times):
-            t0 = time.perf_counter()
-            call()
-            synchronize(device)
-            record.append(time.perf_counter() - t0)
-    return [statistics.median(t) for t in times], len(times[0])
-
-
 def bench(device, d, mode, batch, hidden, min_seconds, seed=0):
     torch.manual_seed(seed)
     g = inn.LipschitzMLP([d, hidden, hidden, d], activation="sin", coeff=0.99).to(device).eval()
@@ -108,7 +94,7 @@ def bench(device, d, mode, batch, hidden, min_seconds, seed=0):
     calls = [make_call(impl, mode, g, x, weights) for impl in IMPLS]
     values = [call() for call in calls]
     agree = max(float((v - values[-1]).abs().max()) for v in values)
-    seconds, repeats = interleaved_medians(calls, device, min_seconds)
+    seconds, repeats = interleaved_medians(calls, device, min_seconds, min_repeats=7)
     ms = dict(zip(IMPLS, [s * 1e3 for s in seconds]))
     return {
         "device": device,

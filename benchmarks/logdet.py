@@ -30,9 +30,7 @@ the roulette draws a Poisson(1e-9) number of extra terms, i.e. none (checked).
 
 import argparse
 import os
-import statistics
 import sys
-import time
 
 import torch
 
@@ -41,7 +39,12 @@ sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 import impflow  # noqa: E402
 import impflow.logdet as L  # noqa: E402
 import impflow.nn as inn  # noqa: E402
-from _timing import machine_facts, synchronize, write_json  # noqa: E402
+from _timing import (  # noqa: E402
+    interleaved_medians,
+    machine_facts,
+    synchronize,
+    write_json,
+)
 
 DIMS = [2, 16, 64]
 QUICK_DIMS = [2, 16]
@@ -119,24 +122,6 @@ def run_once(forward, backward):
     out = forward()
     if backward is not None:
         backward(out)
-
-
-def interleaved_medians(calls, device, min_seconds, min_repeats=5, warmup=2):
-    """Median seconds of each call; one call of each per round, so drifting load on a shared
-    machine affects all of them alike."""
-    for _ in range(warmup):
-        for call in calls:
-            call()
-    synchronize(device)
-    times = [[] for _ in calls]
-    start = time.perf_counter()
-    while len(times[0]) < min_repeats or time.perf_counter() - start < min_seconds:
-        for call, record in zip(calls, times):
-            t0 = time.perf_counter()
-            call()
-            synchronize(device)
-            record.append(time.perf_counter() - t0)
-    return [statistics.median(t) for t in times], len(times[0])
 
 
 def cpu_allocations(fn):

@@ -35,9 +35,7 @@ import argparse
 import copy
 import math
 import os
-import statistics
 import sys
-import time
 import warnings
 
 import torch
@@ -51,7 +49,11 @@ from _original_impflow import (  # noqa: E402
     OriginalResidualBlock,
     stored_vectors,
 )
-from _timing import machine_facts, synchronize, write_json  # noqa: E402
+from _timing import (  # noqa: E402
+    interleaved_medians,
+    machine_facts,
+    write_json,
+)
 from impflow.data.toy import sample_toy  # noqa: E402
 from impflow.logdet import exact_logdet  # noqa: E402
 
@@ -139,24 +141,6 @@ def pretrain(nets, steps, batch, lr, device, seed):
 
 # --------------------------------------------------------------------------------------------
 # Timing
-
-
-def interleaved_medians(calls, device, min_seconds, min_repeats=7, warmup=2):
-    """Median seconds of each call; one call of each per round, so that drifting load on a
-    shared machine affects all of them alike."""
-    for _ in range(warmup):
-        for call in calls:
-            call()
-    synchronize(device)
-    times = [[] for _ in calls]
-    start = time.perf_counter()
-    while len(times[0]) < min_repeats or time.perf_counter() - start < min_seconds:
-        for call, record in zip(calls, times):
-            t0 = time.perf_counter()
-            call()
-            synchronize(device)
-            record.append(time.perf_counter() - t0)
-    return [statistics.median(t) for t in times], len(times[0])
 
 
 def logdet_part(kind, side, block, nets, x, root):
@@ -339,7 +323,7 @@ def bench_state(device, state, nets, batch, min_seconds, seed):
         ]
         with warnings.catch_warnings():
             warnings.simplefilter("ignore")
-            seconds, repeats = interleaved_medians(calls, device, min_seconds)
+            seconds, repeats = interleaved_medians(calls, device, min_seconds, min_repeats=7)
         step_ms = dict(zip(sides, [s * 1e3 for s in seconds[:2]]))
         logdet_ms = dict(zip(sides, [s * 1e3 for s in seconds[2:]]))
         rows.append(
@@ -373,7 +357,7 @@ def bench_state(device, state, nets, batch, min_seconds, seed):
         calls = [lambda b=b: b.inverse(z_base) for b in sides.values()] + [original_with_logdet]
         with warnings.catch_warnings(), torch.no_grad():
             warnings.simplefilter("ignore")
-            seconds, repeats = interleaved_medians(calls, device, min_seconds)
+            seconds, repeats = interleaved_medians(calls, device, min_seconds, min_repeats=7)
         for g in group:
             g.train()
         rows.append(
