@@ -5,7 +5,12 @@ g = LipschitzMLP([d, 128, 128, d], "sin"), B = 1000 samples, 10 series terms, on
 probe, per-sample dimension d = 2, 16, 64. Modes (each timed for both product paths):
 
   series    the products vᵀJ^k, their traces and the weighted sum alone (no estimator around
-            them, no graph): what the fused op replaces
+            them, no graph): what the fused op replaces. Timed with it, side by side, the
+            matrix-product floor: the weight GEMMs that any implementation must run, with no
+            activation, trace or overhead: ``n_terms`` chained products ``u @ W`` through
+            every layer (step by step), or the per-sample Jacobian's ``d`` columns pushed
+            through the layers after the first (Jacobian first); the floor is the cheaper of
+            the two, and ``autograd / floor`` bounds the speed-up any kernel can reach
   eval      roulette_logdet under no_grad (evaluation)
   graph     roulette_logdet with a graph through all products, then backward (training
             without memory savings)
@@ -118,6 +123,30 @@ def make_call(mode, impl, g, x, v):
     return forward, (None if mode == "eval" else backward)
 
 
+def gemm_floor_calls(g, x, v):
+    """The two GEMM-only lower bounds of the series (see the module docstring): chained
+    ``u @ W`` for every term and layer, and the Jacobian's ``d`` columns per sample through
+    every layer but the first (whose product with the identity is free)."""
+    weights = [m.weight.detach() for m in g.modules() if isinstance(m, inn.SpectralLinear)]
+    d = x.shape[1]
+    columns = torch.randn(x.shape[0] * d, weights[0].shape[0], device=x.device, dtype=x.dtype)
+
+    def steps():
+        u = v
+        for _ in range(N_TERMS):
+            for w in reversed(weights):
+                u = u @ w
+        return u
+
+    def jacobian():
+        t = columns
+        for w in weights[1:]:
+            t = t @ w.T
+        return t
+
+    return steps, jacobian
+
+
 def run_once(forward, backward):
     out = forward()
     if backward is not None:
@@ -186,9 +215,10 @@ def bench(device, d, mode, batch, hidden, layers, min_seconds):
         outs[impl] = out.detach().double()
     difference = float((outs["fused"] - outs["autograd"]).abs().max())
     scale = float(outs["autograd"].abs().max())
-    seconds, repeats = interleaved_medians(
-        [lambda f=f, b=b: run_once(f, b) for f, b in calls.values()], device, min_seconds
-    )
+    timed = [lambda f=f, b=b: run_once(f, b) for f, b in calls.values()]
+    if mode == "series":
+        timed += gemm_floor_calls(g, x, v)
+    seconds, repeats = interleaved_medians(timed, device, min_seconds)
     row = {
         "device": device,
         "d": d,
@@ -205,6 +235,10 @@ def bench(device, d, mode, batch, hidden, layers, min_seconds):
         row[f"{impl}_peak_MB"] = peak / 2**20
         row[f"{impl}_held_MB"] = held / 2**20
     row["speedup"] = row["autograd_ms"] / row["fused_ms"]
+    if mode == "series":
+        row["floor_steps_ms"], row["floor_jacobian_ms"] = (s * 1e3 for s in seconds[2:])
+        row["floor_ms"] = min(row["floor_steps_ms"], row["floor_jacobian_ms"])
+        row["max_speedup"] = row["autograd_ms"] / row["floor_ms"]
     row["peak_ratio"] = row["autograd_peak_MB"] / max(row["fused_peak_MB"], 1e-9)
     return row
 
@@ -213,7 +247,7 @@ def print_table(rows):
     header = (
         f"{'device':6} {'d':>3} {'mode':8} | {'fused ms':>9} {'autograd ms':>11} {'x':>5} | "
         f"{'peak MB fused':>13} {'autograd':>9} {'x':>5} | {'held MB fused':>13} "
-        f"{'autograd':>9} | {'rel diff':>8}"
+        f"{'autograd':>9} | {'rel diff':>8} | {'floor ms':>8} {'max x':>5}"
     )
     print(header)
     print("-" * len(header))
@@ -223,7 +257,8 @@ def print_table(rows):
             f"{r['autograd_ms']:>11.2f} {r['speedup']:>5.2f} | {r['fused_peak_MB']:>13.2f} "
             f"{r['autograd_peak_MB']:>9.2f} {r['peak_ratio']:>5.2f} | "
             f"{r['fused_held_MB']:>13.2f} {r['autograd_held_MB']:>9.2f} | "
-            f"{r['max_rel_difference']:>8.1e}"
+            f"{r['max_rel_difference']:>8.1e} | "
+            + (f"{r['floor_ms']:>8.2f} {r['max_speedup']:>5.2f}" if "floor_ms" in r else "")
         )
 
 
@@ -261,6 +296,10 @@ def main(argv=None):
     print(
         f"B = {batch}, hidden {[args.hidden] * args.layers}, {N_TERMS} terms, float32; "
         f"CPU threads: {torch.get_num_threads()}; x = autograd / fused (time and peak memory)"
+    )
+    print(
+        "floor (series rows): the weight GEMMs alone, step by step or Jacobian first, whichever "
+        "is cheaper; max x = autograd / floor, the most any series kernel could gain"
     )
     write_json(
         args.out,

@@ -5,7 +5,9 @@ weights, at each of them. Inside a block call they run once, before the first ev
 are paused for the rest, so that every evaluation sees the same function (the root the solver
 found is the root of the function that is differentiated), the result does not depend on how
 many iterations a solve took (``DistributedDataParallel`` replicas agree with one process), and
-the solves do not pay for power iteration at every step.
+the solves do not pay for power iteration at every step. For the same reason the evaluations
+without a graph (the solver's) share each spectral layer's normalised weight ``W / max(1, σ / c)``
+instead of computing it at every call.
 """
 
 from __future__ import annotations
@@ -22,13 +24,13 @@ from impflow.nn.spectral._mixin import _SpectralNormMixin
 __all__ = ["PausedPowerIteration", "power_iteration_paused"]
 
 
-def _training_spectral_layers(nets) -> list[nn.Module]:
+def _spectral_layers(nets) -> list[nn.Module]:
     layers, seen = [], set()
     for net in nets:
         if not isinstance(net, nn.Module):
             continue
         for m in net.modules():
-            if isinstance(m, _SpectralNormMixin) and m.training and id(m) not in seen:
+            if isinstance(m, _SpectralNormMixin) and id(m) not in seen:
                 seen.add(id(m))
                 layers.append(m)
     return layers
@@ -37,7 +39,9 @@ def _training_spectral_layers(nets) -> list[nn.Module]:
 @contextlib.contextmanager
 def power_iteration_paused(*nets, refresh: bool = False) -> Iterator[None]:
     """Inside, the spectral layers of ``nets`` that are in training mode run no power
-    iteration (they use their stored ``u``, ``v``, with the gradient through ``σ`` as always).
+    iteration (they use their stored ``u``, ``v``, with the gradient through ``σ`` as always),
+    and every spectral layer computes its normalised weight once for all evaluations without
+    a graph: the weights and vectors must not be changed inside.
 
     Args:
         *nets: modules (``None`` and non-modules are skipped).
@@ -45,18 +49,25 @@ def power_iteration_paused(*nets, refresh: bool = False) -> Iterator[None]:
             (``n_power_iterations``, with the layer's own ``atol``/``rtol``). A convolution that
             has not seen an input yet is skipped: its first forward sets it up.
     """
-    layers = _training_spectral_layers(nets)
+    layers = _spectral_layers(nets)
+    training = [m for m in layers if m.training]
     if refresh:
-        for m in layers:
+        for m in training:
             if m._ready():
                 m.power_iteration(m.n_power_iterations, m.atol, m.rtol)
-    for m in layers:
+    for m in training:
         m.training = False
+    # A nested call (an estimator's wrapper inside a block call) keeps the outer cache.
+    cached = [m for m in layers if getattr(m, "_weight_cache", None) is None]
+    for m in cached:
+        m._weight_cache = {}
     try:
         yield
     finally:
-        for m in layers:
+        for m in training:
             m.training = True
+        for m in cached:
+            m._weight_cache = None
 
 
 class PausedPowerIteration(nn.Module):

@@ -72,7 +72,8 @@ class _SpectralNormMixin:
         Returns:
             A tensor shaped as ``weight``, differentiable with respect to it.
         """
-        return self._normalize_weight(self.sigma())
+        self._require_ready()
+        return self._stored_vector_weight()
 
     def _normalize_weight(self, sigma: torch.Tensor) -> torch.Tensor:
         factor = torch.clamp(sigma / self.coeff, min=1.0)
@@ -84,9 +85,25 @@ class _SpectralNormMixin:
                 u, v, _ = self._iterate(self.n_power_iterations, self.atol, self.rtol)
                 self.u.copy_(u)
                 self.v.copy_(v)
+        return self._stored_vector_weight()
+
+    def _stored_vector_weight(self) -> torch.Tensor:
+        # Inside a block call (impflow.nn._frozen.power_iteration_paused) the weights cannot
+        # change, so the solver's evaluations (no graph) share one normalised weight. With a
+        # graph each evaluation builds its own: an autograd.grad inside a forward may free a
+        # shared one before the loss's backward needs it.
+        cache = getattr(self, "_weight_cache", None)
+        if torch.is_grad_enabled():
+            cache = None
+        key = torch.is_inference_mode_enabled()
+        if cache is not None and key in cache:
+            return cache[key]
         # σ is computed from copies, so that a later in-place update of the buffers (the next
         # training forward) cannot invalidate the graph of this one.
-        return self._normalize_weight(self._sigma_from(self.u.clone(), self.v.clone()))
+        weight = self._normalize_weight(self._sigma_from(self.u.clone(), self.v.clone()))
+        if cache is not None:
+            cache[key] = weight
+        return weight
 
     def _spectral_repr(self) -> str:
         s = f"coeff={self.coeff}, n_power_iterations={self.n_power_iterations}"
