@@ -20,6 +20,7 @@ from torch import Tensor, nn
 from torch.distributions import Distribution
 
 from impflow.nn._flow_common import (
+    call_inverse,
     check_flow_input,
     check_flow_tensor,
     check_flow_layer,
@@ -46,7 +47,10 @@ class Flow(nn.Module):
     r"""The distribution of ``x = T⁻¹(z)`` for ``z ~ base``, where ``T`` is ``transform``.
 
     ``log_prob(x) = base.log_prob(z) + logdet`` with ``(z, logdet) = transform(x)``, and
-    sampling draws ``z`` from the base and returns ``transform.inverse(z)``. ``transform``
+    sampling draws ``z`` from the base and returns ``transform.inverse(z)``: ``sample`` and
+    ``rsample`` with ``logdet=False`` (no log-determinant work, see
+    :meth:`impflow.nn.SequentialFlow.inverse`), ``sample_and_log_prob`` and
+    ``rsample_and_log_prob`` with it. ``transform``
     follows DESIGN.md §1 (``forward(x) -> (z, logdet)``, ``inverse(z) -> (x, logdet_inv)``), e.g.
     a :class:`impflow.nn.SequentialFlow` of blocks, or a :class:`impflow.nn.MultiScale`.
 
@@ -264,34 +268,43 @@ class Flow(nn.Module):
         """``log_prob(x)``."""
         return self.log_prob(x)
 
-    def _draw(self, sample_shape, reparametrized: bool) -> tuple[Tensor, Tensor]:
+    def _draw(
+        self, sample_shape, reparametrized: bool, with_log_prob: bool
+    ) -> tuple[Tensor, Tensor | None]:
         shape = _check_sample_shape(sample_shape)
         n = math.prod(shape)
         z = self._base_sample(n, reparametrized)
-        log_prob_z = self._base_log_prob(z)
-        x, logdet_inv = check_layer_output(self.transform.inverse(z), n, "Flow: transform.inverse")
+        x, logdet_inv = call_inverse(self.transform, z, with_log_prob, "Flow: transform.inverse")
         self._set_event_shape(x.shape[1:], "transform.inverse")
+        x = x.reshape(*shape, *x.shape[1:])
+        if not with_log_prob:
+            return x, None
         # log p(x) = log p(z) + log|det ∂z/∂x| = log p(z) - log|det ∂x/∂z|
-        log_prob = log_prob_z - logdet_inv
-        return x.reshape(*shape, *x.shape[1:]), log_prob.reshape(shape)
+        return x, (self._base_log_prob(z) - logdet_inv).reshape(shape)
 
     def rsample_and_log_prob(self, sample_shape=()) -> tuple[Tensor, Tensor]:
         """``(x, log_prob(x))`` for ``x`` of shape ``(*sample_shape, *event_shape)``, with
         gradients through the base sample (reparametrised) and the transform's inverse."""
-        return self._draw(sample_shape, reparametrized=True)
+        return self._draw(sample_shape, reparametrized=True, with_log_prob=True)
 
     def sample_and_log_prob(self, sample_shape=()) -> tuple[Tensor, Tensor]:
         """:meth:`rsample_and_log_prob` without gradients (like ``Distribution.sample``)."""
         with torch.no_grad():
-            return self._draw(sample_shape, reparametrized=False)
+            return self._draw(sample_shape, reparametrized=False, with_log_prob=True)
 
     def rsample(self, sample_shape=()) -> Tensor:
-        """Samples ``(*sample_shape, *event_shape)`` with gradients (reparametrised)."""
-        return self.rsample_and_log_prob(sample_shape)[0]
+        """Samples ``(*sample_shape, *event_shape)`` with gradients (reparametrised).
+
+        Computes no log-determinant: the transform is inverted with ``logdet=False`` (layers
+        whose ``inverse`` has no such parameter run their full inverse). The samples are those
+        of :meth:`rsample_and_log_prob` for the same random state."""
+        return self._draw(sample_shape, reparametrized=True, with_log_prob=False)[0]
 
     def sample(self, sample_shape=()) -> Tensor:
-        """Samples ``(*sample_shape, *event_shape)`` without gradients."""
-        return self.sample_and_log_prob(sample_shape)[0]
+        """Samples ``(*sample_shape, *event_shape)`` without gradients; no log-determinant is
+        computed (as in :meth:`rsample`)."""
+        with torch.no_grad():
+            return self._draw(sample_shape, reparametrized=False, with_log_prob=False)[0]
 
     def extra_repr(self) -> str:
         base = "standard normal" if self._base_kind == "normal" else None

@@ -178,7 +178,9 @@ class SolverConfig:
         options = dict(self.options)
         if self.adjoint:
             options.setdefault("stop_mode", "rel")
-        return solve(fn, z0, method, tol=self.tol_for(z0.dtype), warn=False, **options)
+        # The options were checked against the solver at construction; solve() would check
+        # them again from its signature at every call, a cost that matters for small batches.
+        return SOLVERS[method](fn, z0, tol=self.tol_for(z0.dtype), warn=False, **options)
 
     def __repr__(self) -> str:
         tol = "by dtype" if self.tol is None else repr(self.tol)

@@ -1,11 +1,14 @@
-"""What the flow layers share: the checks of their inputs and of their sub-layers' outputs, and
-the per-sample shape a layer maps its input to (DESIGN.md §1: ``forward(x) -> (z, logdet)``,
-``inverse(z) -> (x, logdet_inv)``, ``logdet`` of shape ``(B,)``)."""
+"""What the flow layers share: the checks of their inputs and of their sub-layers' outputs, the
+per-sample shape a layer maps its input to (DESIGN.md §1: ``forward(x) -> (z, logdet)``,
+``inverse(z) -> (x, logdet_inv)``, ``logdet`` of shape ``(B,)``), and the call of a sub-layer's
+inverse with or without its log-determinant (``inverse(z, logdet=False) -> (x, None)``)."""
 
 from __future__ import annotations
 
+import inspect
 import math
 import numbers
+import weakref
 
 import torch
 from torch import Tensor, nn
@@ -56,14 +59,25 @@ def check_flow_layer(layer, name: str) -> nn.Module:
     return layer
 
 
-def check_layer_output(out, batch: int, where: str) -> tuple[Tensor, Tensor]:
-    """Unpacks a sub-layer's ``(tensor, logdet)`` and checks ``logdet`` has shape ``(batch,)``."""
+def check_layer_output(
+    out, batch: int, where: str, *, logdet_optional: bool = False
+) -> tuple[Tensor, Tensor | None]:
+    """Unpacks a sub-layer's ``(tensor, logdet)`` and checks ``logdet`` has shape ``(batch,)``;
+    ``logdet_optional``: ``None`` is accepted in its place (an inverse without log-det)."""
     if not (isinstance(out, tuple) and len(out) == 2):
         raise TypeError(
             f"{where} must return a pair (tensor, logdet), got {type(out).__name__}; flow layers "
             "follow DESIGN.md §1"
         )
     y, logdet = out
+    if logdet is None and logdet_optional:
+        if not isinstance(y, Tensor):
+            raise TypeError(f"{where} must return a tensor first, got {type(y).__name__}")
+        if y.dim() == 0 or y.shape[0] != batch:
+            raise ValueError(
+                f"{where} must keep the batch size {batch}, got tensor {tuple(y.shape)}"
+            )
+        return y, None
     if not isinstance(y, Tensor) or not isinstance(logdet, Tensor):
         raise TypeError(f"{where} must return two tensors (tensor, logdet)")
     if y.dim() == 0 or y.shape[0] != batch or logdet.shape != (batch,):
@@ -72,6 +86,60 @@ def check_layer_output(out, batch: int, where: str) -> tuple[Tensor, Tensor]:
             f"got tensor {tuple(y.shape)} and logdet {tuple(logdet.shape)}"
         )
     return y, logdet
+
+
+def check_logdet_flag(logdet, where: str) -> bool:
+    """The ``logdet`` keyword of ``inverse``: ``True`` (compute the log-det) or ``False`` (skip
+    it and return ``None`` in its place)."""
+    if not isinstance(logdet, bool):
+        raise TypeError(f"{where}: logdet must be True or False, got {logdet!r}")
+    return logdet
+
+
+# Whether an inverse implementation takes the ``logdet`` keyword, keyed by its function (shared
+# by every instance of a class); weak, so that per-instance functions can go.
+_TAKES_LOGDET: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()
+
+
+def _signature_takes_logdet(method) -> bool:
+    try:
+        parameter = inspect.signature(method).parameters.get("logdet")
+    except (TypeError, ValueError):  # no introspectable signature (a builtin, say)
+        return False
+    # A parameter of that name, by keyword; ``**kwargs`` does not count (a wrapper may pass it
+    # on to something with another meaning of the word), so such a layer gets the fallback.
+    return parameter is not None and parameter.kind in (
+        inspect.Parameter.KEYWORD_ONLY,
+        inspect.Parameter.POSITIONAL_OR_KEYWORD,
+    )
+
+
+def inverse_takes_logdet(layer) -> bool:
+    """Whether ``layer.inverse`` accepts ``logdet=False`` (a parameter named ``logdet``),
+    decided once per inverse implementation from its signature."""
+    method = layer.inverse
+    func = getattr(method, "__func__", method)
+    try:
+        return _TAKES_LOGDET[func]
+    except (KeyError, TypeError):  # TypeError: not weakly referenceable, so never cached
+        pass
+    takes = _signature_takes_logdet(method)
+    try:
+        _TAKES_LOGDET[func] = takes
+    except TypeError:
+        pass
+    return takes
+
+
+def call_inverse(layer, z: Tensor, logdet: bool, where: str) -> tuple[Tensor, Tensor | None]:
+    """``layer.inverse(z)`` checked as ``(x, logdet_inv)``; with ``logdet=False``, ``(x, None)``
+    from ``layer.inverse(z, logdet=False)``, or, for a layer whose inverse does not take the
+    keyword (a user's layer), from its full inverse with the log-det dropped."""
+    batch = z.shape[0]
+    if logdet:
+        return check_layer_output(layer.inverse(z), batch, where)
+    out = layer.inverse(z, logdet=False) if inverse_takes_logdet(layer) else layer.inverse(z)
+    return check_layer_output(out, batch, where, logdet_optional=True)[0], None
 
 
 def check_shape(shape, name: str, minimum: int = 1) -> tuple[int, ...]:

@@ -364,9 +364,11 @@ def logdet_term(block, g, t: Tensor, name: str, arg: str, where: str) -> LogdetT
     return LogdetTerm(value.to(t.dtype), getattr(estimator, "last_stats", None))
 
 
-def check_result(out: Tensor, logdet: Tensor, arg: str, where: str) -> None:
-    """NaN/Inf never leave a block silently."""
+def check_result(out: Tensor, logdet: Tensor | None, arg: str, where: str) -> None:
+    """NaN/Inf never leave a block silently (``logdet=None``: none was computed)."""
     for name, value in ((arg, out), ("logdet", logdet)):
+        if value is None:
+            continue
         if not bool(torch.isfinite(value.detach()).all()):
             bad = ~torch.isfinite(per_sample(value.detach()) if value.dim() > 1 else value)
             bad = bad.reshape(value.shape[0], -1).any(1).nonzero().flatten()

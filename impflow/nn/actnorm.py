@@ -16,7 +16,7 @@ import numbers
 import torch
 from torch import Tensor, nn
 
-from impflow.nn._flow_common import check_flow_input, constant_logdet
+from impflow.nn._flow_common import check_flow_input, check_logdet_flag, constant_logdet
 
 __all__ = ["ActNorm"]
 
@@ -130,8 +130,10 @@ class ActNorm(nn.Module):
         z = (x + self._channel_view(self.bias, x)) * scale
         return z, self._logdet(x)
 
-    def inverse(self, z: Tensor) -> tuple[Tensor, Tensor]:
-        """``(x, logdet_inv)`` with ``x = z · exp(-log_scale) - bias``, ``logdet_inv = -logdet``."""
+    def inverse(self, z: Tensor, *, logdet: bool = True) -> tuple[Tensor, Tensor | None]:
+        """``(x, logdet_inv)`` with ``x = z · exp(-log_scale) - bias``, ``logdet_inv = -logdet``;
+        ``logdet=False``: ``(x, None)``."""
+        check_logdet_flag(logdet, "ActNorm.inverse")
         self._check(z, "z", "ActNorm.inverse")
         if self.training and not bool(self.initialized):
             raise RuntimeError(
@@ -140,4 +142,4 @@ class ActNorm(nn.Module):
                 "batch first, or call .eval() to use the current parameters"
             )
         x = z * self._channel_view(torch.exp(-self.log_scale), z) - self._channel_view(self.bias, z)
-        return x, -self._logdet(z)
+        return x, (-self._logdet(z) if logdet else None)

@@ -11,7 +11,7 @@ from torch import Tensor
 
 from impflow.nn._block_base import BlockBase, check_network
 from impflow.nn._block_settings import SolverConfig
-from impflow.nn._flow_common import check_flow_input
+from impflow.nn._flow_common import check_flow_input, check_logdet_flag
 from impflow.nn._frozen import power_iteration_paused
 from impflow.nn._implicit import check_result, logdet_term, solve_implicit
 
@@ -121,7 +121,7 @@ class ImplicitBlock(BlockBase):
     def extra_repr(self) -> str:
         return f"forward_solver={self.forward_solver}, {self._settings_repr()}"
 
-    def _run(self, u: Tensor, forward: bool) -> tuple[Tensor, Tensor]:
+    def _run(self, u: Tensor, forward: bool, logdet: bool = True) -> tuple[Tensor, Tensor | None]:
         # The inverse is the same equation with the roles of (g_x, x) and (g_z, z) swapped.
         if forward:
             g_in, g_out, names = self.g_x, self.g_z, ("g_x", "g_z", "x", "z")
@@ -133,7 +133,7 @@ class ImplicitBlock(BlockBase):
         check_flow_input(u, names[2], where)
         with power_iteration_paused(self.g_x, self.g_z, refresh=True):
             # The input's term first: the exact log-det's evaluation of g_in(u) serves the solve.
-            term_in = logdet_term(self, g_in, u, names[0], names[2], where)
+            term_in = logdet_term(self, g_in, u, names[0], names[2], where) if logdet else None
             y, adjoint_state = solve_implicit(
                 g_in,
                 g_out,
@@ -145,8 +145,12 @@ class ImplicitBlock(BlockBase):
                 fields=fields,
                 where=where,
                 on_failure=self.on_failure,
-                g_in_value=term_in.net_value,
+                g_in_value=None if term_in is None else term_in.net_value,
             )
+            if not logdet:  # the root alone: no Jacobian, no series, no probe
+                self.last_stats.logdet = ()
+                check_result(y, None, names[3], where)
+                return y, None
             term_out = logdet_term(self, g_out, y, names[1], names[3], where)
             if adjoint_state is not None:
                 adjoint_state.use_jacobian(term_out.jacobian)
@@ -159,8 +163,14 @@ class ImplicitBlock(BlockBase):
         """``(z, logdet)``: the root ``z`` of ``F(z, x) = 0`` and ``log|det ∂z/∂x|``, ``(B,)``."""
         return self._run(x, forward=True)
 
-    def inverse(self, z: Tensor) -> tuple[Tensor, Tensor]:
+    def inverse(self, z: Tensor, *, logdet: bool = True) -> tuple[Tensor, Tensor | None]:
         """``(x, logdet_inv)``: the ``x`` with ``F(z, x) = 0`` and ``log|det ∂x/∂z|``
         ``= -logdet`` at that point, ``(B,)``; differentiable with respect to ``z`` and the
-        parameters (adjoint with ``G = g_x + I``), so samples can be differentiated."""
-        return self._run(z, forward=False)
+        parameters (adjoint with ``G = g_x + I``), so samples can be differentiated.
+
+        ``logdet=False``: ``(x, None)``, the same ``x`` without any log-det work (no Jacobian,
+        no series estimate, no probe, and so no check of ``‖J‖₂ < 1`` at ``z`` and ``x``): what
+        sampling needs. Gradients through ``x`` are the same (the exact adjoint then builds
+        ``J_{g_x}(x)`` itself, in the backward pass)."""
+        check_logdet_flag(logdet, "ImplicitBlock.inverse")
+        return self._run(z, forward=False, logdet=logdet)

@@ -21,6 +21,7 @@ from impflow.nn._flow_common import (
     check_finite,
     check_flow_input,
     check_flow_tensor,
+    check_logdet_flag,
     per_sample,
 )
 
@@ -93,8 +94,10 @@ class LogitTransform(nn.Module):
         y = torch.log(s) - torch.log1p(-s)
         return y, self._logdet(y)
 
-    def inverse(self, y: Tensor) -> tuple[Tensor, Tensor]:
-        """``(x, logdet_inv)`` with ``x = (sigmoid(y) - α)/(1 - 2α)``, ``logdet_inv = -logdet``."""
+    def inverse(self, y: Tensor, *, logdet: bool = True) -> tuple[Tensor, Tensor | None]:
+        """``(x, logdet_inv)`` with ``x = (sigmoid(y) - α)/(1 - 2α)``, ``logdet_inv = -logdet``;
+        ``logdet=False``: ``(x, None)``."""
+        check_logdet_flag(logdet, "LogitTransform.inverse")
         check_flow_input(y, "y", "LogitTransform.inverse")
         x = (torch.sigmoid(y) - self.alpha) / (1 - 2 * self.alpha)
-        return x, -self._logdet(y)
+        return x, (-self._logdet(y) if logdet else None)

@@ -22,9 +22,11 @@ import torch
 from torch import Tensor, nn
 
 from impflow.nn._flow_common import (
+    call_inverse,
     check_flow_input,
     check_flow_layer,
     check_layer_output,
+    check_logdet_flag,
     check_shape,
     output_shape_of,
     per_sample,
@@ -43,7 +45,9 @@ class MultiScale(nn.Module):
     ``C // 2`` are factored out as latent. ``forward`` returns the factored-out parts and the
     last level's output flattened per sample and concatenated in that order,
     ``z = [z_0, z_1, …, z_last]``, shape ``(B, C·H·W)``, with the sum of the levels' log-dets
-    (squeezing and splitting are permutations: log-det 0). ``inverse`` takes such a ``z`` back.
+    (squeezing and splitting are permutations: log-det 0). ``inverse`` takes such a ``z`` back;
+    ``inverse(z, logdet=False)`` returns ``(x, None)`` and inverts the levels without their
+    log-dets (as :class:`SequentialFlow` does).
     :meth:`split_latent` and :meth:`join_latent` convert between ``z`` and the per-level parts,
     whose shapes are in :attr:`latent_shapes`.
 
@@ -203,11 +207,15 @@ class MultiScale(nn.Module):
                 f"{self.input_shape}), got {tuple(z.shape)}"
             )
 
-    def _level(self, i: int, h: Tensor, method: str, expected) -> tuple[Tensor, Tensor]:
+    def _level(
+        self, i: int, h: Tensor, method: str, expected, logdet: bool = True
+    ) -> tuple[Tensor, Tensor | None]:
         level = self.levels[i]
         where = f"MultiScale levels[{i}] ({type(level).__name__}).{method}"
-        call = level if method == "forward" else level.inverse
-        h, logdet = check_layer_output(call(h), h.shape[0], where)
+        if method == "forward":
+            h, logdet = check_layer_output(level(h), h.shape[0], where)
+        else:
+            h, logdet = call_inverse(level, h, logdet, where)
         if tuple(h.shape[1:]) != tuple(expected):
             raise ValueError(
                 f"{where} returned per-sample shape {tuple(h.shape[1:])}, expected {expected} "
@@ -235,15 +243,18 @@ class MultiScale(nn.Module):
         parts.append(per_sample(h))
         return torch.cat(parts, dim=1), total
 
-    def inverse(self, z: Tensor) -> tuple[Tensor, Tensor]:
-        """``(x, logdet_inv)`` for ``z`` of shape ``(B, C·H·W)``."""
+    def inverse(self, z: Tensor, *, logdet: bool = True) -> tuple[Tensor, Tensor | None]:
+        """``(x, logdet_inv)`` for ``z`` of shape ``(B, C·H·W)``; ``logdet=False``:
+        ``(x, None)``."""
+        check_logdet_flag(logdet, "MultiScale.inverse")
         parts = self.split_latent(z)
-        h, total = parts[-1], z.new_zeros(z.shape[0])
+        h, total = parts[-1], (z.new_zeros(z.shape[0]) if logdet else None)
         for i in reversed(range(len(self.levels))):
             if i < len(self._keep):
                 h = torch.cat([h, parts[i]], dim=1)
-            h, logdet = self._level(i, h, "inverse", self.level_shapes[i][0])
-            total = total + logdet
+            h, logdet_inv = self._level(i, h, "inverse", self.level_shapes[i][0], logdet)
+            if logdet:
+                total = total + logdet_inv
             if self.squeeze is not None:
-                h = self.squeeze.inverse(h)[0]
+                h = self.squeeze.inverse(h, logdet=False)[0]
         return h, total

@@ -13,7 +13,7 @@ from __future__ import annotations
 from torch import Tensor
 
 from impflow.nn._block_base import BlockBase, check_network
-from impflow.nn._flow_common import check_flow_input
+from impflow.nn._flow_common import check_flow_input, check_logdet_flag
 from impflow.nn._frozen import power_iteration_paused
 from impflow.nn._implicit import call_net, check_result, logdet_term, solve_implicit
 
@@ -82,10 +82,14 @@ class ResidualBlock(BlockBase):
         check_result(z, term.value, "z", where)
         return z, term.value
 
-    def inverse(self, z: Tensor) -> tuple[Tensor, Tensor]:
+    def inverse(self, z: Tensor, *, logdet: bool = True) -> tuple[Tensor, Tensor | None]:
         """``(x, logdet_inv)``: the root ``x`` of ``z - g(x) - x = 0`` and
-        ``-log det(I + J_g(x))``, ``(B,)``."""
+        ``-log det(I + J_g(x))``, ``(B,)``.
+
+        ``logdet=False``: ``(x, None)``, the same ``x`` without any log-det work (as in
+        :meth:`ImplicitBlock.inverse`)."""
         where = "ResidualBlock.inverse"
+        check_logdet_flag(logdet, where)
         check_flow_input(z, "z", where)
         with power_iteration_paused(self.g, refresh=True):
             x, adjoint_state = solve_implicit(
@@ -100,6 +104,10 @@ class ResidualBlock(BlockBase):
                 where=where,
                 on_failure=self.on_failure,
             )
+            if not logdet:  # the root alone: no Jacobian, no series, no probe
+                self.last_stats.logdet = ()
+                check_result(x, None, "x", where)
+                return x, None
             term = logdet_term(self, self.g, x, "g", "x", where)
             if adjoint_state is not None:
                 adjoint_state.use_jacobian(term.jacobian)

@@ -7,9 +7,11 @@ from collections import OrderedDict
 from torch import Tensor, nn
 
 from impflow.nn._flow_common import (
+    call_inverse,
     check_flow_layer,
     check_flow_tensor,
     check_layer_output,
+    check_logdet_flag,
     output_shape_of,
 )
 
@@ -23,6 +25,10 @@ class SequentialFlow(nn.Sequential):
     reverse order and returns ``(x, Σ_i logdet_inv_i)``. Each layer must be an ``nn.Module``
     with ``forward(x) -> (z, logdet)`` and ``inverse(z) -> (x, logdet_inv)``, ``logdet`` of
     shape ``(B,)``; what each layer returns is checked, with the failing layer named.
+
+    ``inverse(z, logdet=False)`` returns ``(x, None)`` and asks each layer for the same: a
+    layer whose ``inverse`` has a ``logdet`` parameter gets ``logdet=False`` (no log-det work),
+    any other (a user's layer) runs its full inverse and its log-det is dropped.
 
     As an ``nn.Sequential`` it indexes, slices (a slice is a ``SequentialFlow``), iterates and
     takes an ``OrderedDict`` of named layers.
@@ -54,20 +60,26 @@ class SequentialFlow(nn.Sequential):
             shape = output_shape_of(layer, shape)
         return tuple(shape)
 
-    def _run(self, h: Tensor, layers, method: str, name: str) -> tuple[Tensor, Tensor]:
-        check_flow_tensor(h, name, f"SequentialFlow.{method}", min_dim=1)
-        total = h.new_zeros(h.shape[0])
-        for key, layer in layers:
-            where = f"SequentialFlow layer {key!r} ({type(layer).__name__}).{method}"
-            call = layer if method == "forward" else layer.inverse
-            h, logdet = check_layer_output(call(h), h.shape[0], where)
-            total = total + logdet
-        return h, total
+    def _where(self, key, layer, method: str) -> str:
+        return f"SequentialFlow layer {key!r} ({type(layer).__name__}).{method}"
 
     def forward(self, x: Tensor) -> tuple[Tensor, Tensor]:
         """``(z, logdet)``: the layers in order, their log-dets summed."""
-        return self._run(x, list(self._modules.items()), "forward", "x")
+        check_flow_tensor(x, "x", "SequentialFlow.forward", min_dim=1)
+        h, total = x, x.new_zeros(x.shape[0])
+        for key, layer in self._modules.items():
+            h, logdet = check_layer_output(layer(h), h.shape[0], self._where(key, layer, "forward"))
+            total = total + logdet
+        return h, total
 
-    def inverse(self, z: Tensor) -> tuple[Tensor, Tensor]:
-        """``(x, logdet_inv)``: the layers' inverses in reverse order, log-dets summed."""
-        return self._run(z, reversed(list(self._modules.items())), "inverse", "z")
+    def inverse(self, z: Tensor, *, logdet: bool = True) -> tuple[Tensor, Tensor | None]:
+        """``(x, logdet_inv)``: the layers' inverses in reverse order, log-dets summed;
+        ``logdet=False``: ``(x, None)``, no layer computing its log-det (see above)."""
+        check_logdet_flag(logdet, "SequentialFlow.inverse")
+        check_flow_tensor(z, "z", "SequentialFlow.inverse", min_dim=1)
+        h, total = z, (z.new_zeros(z.shape[0]) if logdet else None)
+        for key, layer in reversed(list(self._modules.items())):
+            h, logdet_inv = call_inverse(layer, h, logdet, self._where(key, layer, "inverse"))
+            if logdet:
+                total = total + logdet_inv
+        return h, total

@@ -12,7 +12,7 @@ import numbers
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from impflow.nn._flow_common import check_flow_input
+from impflow.nn._flow_common import check_flow_input, check_logdet_flag
 
 __all__ = ["Squeeze"]
 
@@ -24,7 +24,8 @@ class Squeeze(nn.Module):
     The layout is that of ``torch.nn.functional.pixel_unshuffle``: output channel
     ``c·f² + i·f + j`` at ``(h, w)`` holds input channel ``c`` at ``(h·f + i, w·f + j)``, so the
     first ``C·f²/2`` output channels come from the first half of the input channels (for even
-    ``C``). ``inverse`` is ``pixel_shuffle``. Both return ``logdet = 0``.
+    ``C``). ``inverse`` is ``pixel_shuffle``. Both return ``logdet = 0``
+    (``inverse(z, logdet=False)``: ``None``).
 
     Args:
         factor: the patch size ``f``, a positive int (1 is the identity).
@@ -83,8 +84,10 @@ class Squeeze(nn.Module):
         self._check_spatial(x.shape[1:], "x's per-sample shape", "Squeeze.forward")
         return F.pixel_unshuffle(x, self.factor), x.new_zeros(x.shape[0])
 
-    def inverse(self, z: Tensor) -> tuple[Tensor, Tensor]:
-        """``(x, logdet_inv)`` with ``x = pixel_shuffle(z, f)`` and ``logdet_inv = 0``."""
+    def inverse(self, z: Tensor, *, logdet: bool = True) -> tuple[Tensor, Tensor | None]:
+        """``(x, logdet_inv)`` with ``x = pixel_shuffle(z, f)`` and ``logdet_inv = 0``;
+        ``logdet=False``: ``(x, None)``."""
+        check_logdet_flag(logdet, "Squeeze.inverse")
         check_flow_input(z, "z", "Squeeze.inverse", exact_dim=4)
         self._check_channels(z.shape[1:], "z's per-sample shape", "Squeeze.inverse")
-        return F.pixel_shuffle(z, self.factor), z.new_zeros(z.shape[0])
+        return F.pixel_shuffle(z, self.factor), (z.new_zeros(z.shape[0]) if logdet else None)
