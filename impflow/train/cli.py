@@ -60,7 +60,7 @@ def _evaluation_options(p, *, eval_batch_size):
     p.add_argument("--eval-batch-size", type=_positive_int, default=eval_batch_size)
 
 
-def _common(p: argparse.ArgumentParser, *, steps, batch_size, lr=1e-3):
+def _common(p: argparse.ArgumentParser, *, steps, batch_size, lr=1e-3, lr_schedule="constant"):
     p.add_argument("--out", type=Path, required=True, help="output directory")
     p.add_argument("--steps", type=_positive_int, default=steps, help="optimisation steps")
     p.add_argument(
@@ -80,7 +80,7 @@ def _common(p: argparse.ArgumentParser, *, steps, batch_size, lr=1e-3):
     p.add_argument(
         "--lr-schedule",
         choices=LR_SCHEDULES,
-        default="constant",
+        default=lr_schedule,
         help="cosine: decay to 0 over --steps or --time-budget, whichever ends first",
     )
     p.add_argument("--weight-decay", type=float, default=0.0)
@@ -118,8 +118,10 @@ def build_parser() -> argparse.ArgumentParser:
     toy.add_argument("--model", choices=MODEL_KINDS, default="implicit")
     toy.add_argument("--blocks", type=_positive_int, default=4)
     toy.add_argument("--actnorm", action="store_true", help="ActNorm before every block")
-    _model_options(toy, hidden=(128, 128))
-    _common(toy, steps=5000, batch_size=500)
+    # Measured on a 2-core CPU: at equal wall-clock, 64-wide networks take twice the steps of
+    # 128-wide ones and end lower (README, Reproductions).
+    _model_options(toy, hidden=(64, 64))
+    _common(toy, steps=5000, batch_size=500, lr=3e-3, lr_schedule="cosine")
 
     fit1d = tasks.add_parser("fit1d", help="1-D function fitting: ImpFlow vs ResFlow block")
     _model_options(fit1d, hidden=(32,), activation="elu", coeff=0.97)

@@ -33,7 +33,7 @@ class ToyTask(Task):
         dataset: str,
         model: str,
         blocks: int,
-        hidden=(128, 128),
+        hidden=(64, 64),
         activation: str = "sin",
         coeff: float = 0.99,
         n_power_iterations: int = 5,
