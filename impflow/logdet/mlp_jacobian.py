@@ -7,7 +7,9 @@ next to ``h_{i+1} = Ŵ_{i+1} act(h_i) + b_{i+1}``. The tangents are kept as ``d`
 ``(d, B, width)``, so that every layer maps them as it maps ``d·B`` extra rows (one matrix
 product, no bias). One pass gives ``g(x)`` and ``J``; with graph, one ordinary backward
 differentiates both (through ``act'(h)``, in closed form, to ``x``, the weights, the biases and
-LipSwish's ``β``), where ``d`` reverse-mode products would need a double backward.
+LipSwish's ``β``), where ``d`` reverse-mode products would need a double backward. Each hidden
+layer's ``act(h)`` and ``act'(h) ⊙ J`` are one autograd node whose backward reuses ``act'`` and
+``act''`` from the forward (:mod:`impflow.logdet._activation_tangent`).
 
 - ``Ŵ_i`` is computed once per layer as the layer's own forward computes it
   (``SpectralLinear._weight_for_forward``): in training mode one power iteration per layer, as
@@ -31,7 +33,8 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-from impflow.logdet._mlp_layers import activation_derivative, mlp_layers
+from impflow.logdet._activation_tangent import activation_and_tangent
+from impflow.logdet._mlp_layers import mlp_layers
 from impflow.logdet.jacobian import autograd_jacobian, register_jacobian
 from impflow.nn.lipschitz_mlp import LipschitzMLP
 
@@ -80,8 +83,8 @@ def mlp_value_and_jacobian(g, x: Tensor, *, create_graph: bool) -> tuple[Tensor,
         # matrix product, rather than inherit the strides of the transposed weight).
         tangent = weights[0].t().contiguous().unsqueeze(1)
         for act, linear, weight in zip(activations, linears[1:], weights[1:]):
-            tangent = activation_derivative(act, h) * tangent
-            h = F.linear(act(h), weight, linear.bias)
+            a, tangent = activation_and_tangent(act, h, tangent)
+            h = F.linear(a, weight, linear.bias)
             tangent = F.linear(tangent, weight)
         jac = tangent.permute(1, 2, 0).expand(x.shape[0], -1, -1).contiguous()
     return h, jac
