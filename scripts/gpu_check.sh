@@ -1,10 +1,13 @@
 #!/usr/bin/env bash
-# One command for a GPU machine: build impflow against the torch there, run the tests (the
-# CUDA cases included), the C++ tests, and the main benchmark on CPU and GPU.
+# One command for a GPU machine: build impflow against the torch there, run the CUDA tests
+# (which no CPU machine can run) first, then every benchmark on the GPU, then the CPU tests.
+# Device time is scarce (15 minutes a session, 10 a command): each step is bounded by
+# STEP_TIMEOUT seconds, and the order puts what has never run before what CI already covers.
 # Usage: scripts/gpu_check.sh OUT_DIR
 #   (writes OUT_DIR/gpu_check.log, solver_speed.json, power_iteration.json, logdet.json,
-#   exact_logdet.json, train_step.json, end_to_end.json)
-#   PYTHON (default python3), IMPFLOW_CUDA_ARCHS (default: the GPU's own), MAX_JOBS (default 8)
+#   logdet_memory.json, exact_logdet.json, train_step.json, end_to_end.json)
+#   PYTHON (default python3), IMPFLOW_CUDA_ARCHS (default: the GPU's own), MAX_JOBS (default 8),
+#   STEP_TIMEOUT (default 150)
 set -uo pipefail
 out="${1:?usage: scripts/gpu_check.sh OUT_DIR}"
 mkdir -p "$out"
@@ -17,22 +20,26 @@ if [ -z "${IMPFLOW_CUDA_ARCHS:-}" ]; then
   export IMPFLOW_CUDA_ARCHS
 fi
 failed=()
-step() {  # step NAME COMMAND...: runs it, logs it, remembers a failure and goes on
+limit="${STEP_TIMEOUT:-150}"
+step() {  # step NAME COMMAND...: runs it (at most $limit s), logs it, remembers a failure
   echo "=== $1 ($(date +%T))"
   shift
-  "$@" || failed+=("$*")
+  timeout "$limit" "$@" || failed+=("$*")
 }
 {
   step "device" nvidia-smi
   step "torch" "$py" -c "import torch; print(torch.__version__, torch.version.cuda, torch.cuda.get_device_name())"
-  step "build (archs $IMPFLOW_CUDA_ARCHS)" "$py" setup.py -q build_ext --inplace
-  step "tests" "$py" -m pytest tests -q -rs
-  step "benchmark" "$py" benchmarks/solver_speed.py --out "$out/solver_speed.json"
-  step "power iteration" "$py" benchmarks/power_iteration.py --out "$out/power_iteration.json"
-  step "logdet" "$py" benchmarks/logdet.py --out "$out/logdet.json"
-  step "exact logdet" "$py" benchmarks/exact_logdet.py --out "$out/exact_logdet.json"
-  step "train step" "$py" benchmarks/train_step.py --out "$out/train_step.json"
-  step "end to end" "$py" benchmarks/end_to_end.py --out "$out/end_to_end.json"
+  limit=400 step "build (archs $IMPFLOW_CUDA_ARCHS)" "$py" setup.py -q build_ext --inplace
+  step "CUDA tests" "$py" -m pytest tests -q -rs -m cuda
+  gpu=(--device cuda)
+  step "benchmark" "$py" benchmarks/solver_speed.py "${gpu[@]}" --out "$out/solver_speed.json"
+  step "power iteration" "$py" benchmarks/power_iteration.py "${gpu[@]}" --out "$out/power_iteration.json"
+  step "logdet" "$py" benchmarks/logdet.py "${gpu[@]}" --out "$out/logdet.json"
+  step "logdet memory" "$py" benchmarks/logdet_memory.py "${gpu[@]}" --out "$out/logdet_memory.json"
+  step "exact logdet" "$py" benchmarks/exact_logdet.py "${gpu[@]}" --out "$out/exact_logdet.json"
+  step "train step" "$py" benchmarks/train_step.py "${gpu[@]}" --out "$out/train_step.json"
+  step "end to end" "$py" benchmarks/end_to_end.py "${gpu[@]}" --out "$out/end_to_end.json"
+  step "CPU tests" "$py" -m pytest tests -q -m "not cuda" -x
   echo "=== done: ${#failed[@]} step(s) failed ${failed[*]:-}"
 } 2>&1 | tee "$out/gpu_check.log"
 grep -q "=== done: 0 step" "$out/gpu_check.log"

@@ -8,7 +8,7 @@ import torch
 
 from impflow.ops import mlp_vjp_series
 from impflow.ops.reference import mlp_vjp_series_reference
-from testing import DEVICES, DTYPES, noncontiguous, rel_error
+from testing import DEVICES, DTYPES, HAS_CUDA, noncontiguous, rel_error
 
 # Relative error against the float64 reference on the CPU (issue 4: 1e-5 and 1e-10).
 TOL = {torch.float32: 1e-5, torch.float64: 1e-10}
@@ -322,7 +322,8 @@ def test_non_finite_input_is_named(where, value):
     assert not torch.isfinite(series).all()
 
 
-@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
+@pytest.mark.cuda
+@pytest.mark.skipif(not HAS_CUDA, reason="needs a CUDA GPU")
 def test_mixed_devices_are_refused():
     weights, derivs, v, coeffs = make_problem(3, (5,), 6, 2, torch.float32, "cuda", seed=12)
     with pytest.raises(RuntimeError, match="must be on v's device"):
