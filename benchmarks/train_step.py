@@ -14,6 +14,10 @@ log-determinant. Both sides share the networks (the same weights and power-itera
   logdet    the exact log-det part of the step alone (both log-det terms, forward and
             backward, at the step's x and root), for the breakdown: step - logdet is the
             solve, the re-attachment and the adjoint
+  floor     what any implementation of the step must run, without the log-det: the forward
+            solve's evaluations of g_z (as many as impflow's solve made, no graph) and one
+            forward and backward of every network; ``original / floor`` bounds the speed-up
+            of any step at impflow's solver accuracy
   sample    inverse of B standard normal points in evaluation mode under no_grad, the root
             only on both sides (equal work, what sampling needs): impflow's
             ``inverse(z, logdet=False)`` (what ``Flow.sample`` runs: Broyden with a per-sample
@@ -149,6 +153,24 @@ def pretrain(nets, steps, batch, lr, device, seed):
 
 # --------------------------------------------------------------------------------------------
 # Timing
+
+
+def floor_part(kind, nets, x, n_solve_evaluations):
+    """The floor of a step (module docstring): ``n_solve_evaluations`` of ``g_z`` without a
+    graph, then one forward and backward of every network of the block at ``x``."""
+
+    def call():
+        with stored_vectors(*nets, refresh=True):
+            if kind == "implicit":
+                with torch.no_grad():
+                    for _ in range(n_solve_evaluations):
+                        nets[1](x)
+            leaf = x.detach().requires_grad_(True)
+            sum(g(leaf).sum() for g in nets).backward()
+        for g in nets:
+            g.zero_grad(set_to_none=True)
+
+    return call
 
 
 def logdet_part(kind, side, block, nets, x, root):
@@ -349,14 +371,19 @@ def bench_state(device, state, nets, batch, min_seconds, seed):
         with warnings.catch_warnings():
             warnings.simplefilter("ignore")
             root, _ = train_step(ours[kind], group, x)
-        calls = [lambda b=b: train_step(b, group, x) for b in sides.values()] + [
-            logdet_part(kind, side, sides[side], group, x, root) for side in sides
-        ]
+        forward_stats = ours[kind].last_stats.forward
+        n_solve = 0 if forward_stats is None else forward_stats.n_fn_evals
+        calls = (
+            [lambda b=b: train_step(b, group, x) for b in sides.values()]
+            + [logdet_part(kind, side, sides[side], group, x, root) for side in sides]
+            + [floor_part(kind, group, x, n_solve)]
+        )
         with warnings.catch_warnings():
             warnings.simplefilter("ignore")
             seconds, repeats = interleaved_medians(calls, device, min_seconds, min_repeats=7)
         step_ms = dict(zip(sides, [s * 1e3 for s in seconds[:2]]))
-        logdet_ms = dict(zip(sides, [s * 1e3 for s in seconds[2:]]))
+        logdet_ms = dict(zip(sides, [s * 1e3 for s in seconds[2:4]]))
+        floor_ms = seconds[4] * 1e3
         rows.append(
             {
                 "device": device,
@@ -372,6 +399,9 @@ def bench_state(device, state, nets, batch, min_seconds, seed):
                 "original_logdet_ms": logdet_ms["original"],
                 "impflow_rest_ms": step_ms["impflow"] - logdet_ms["impflow"],
                 "original_rest_ms": step_ms["original"] - logdet_ms["original"],
+                "floor_ms": floor_ms,
+                "floor_solve_evaluations": n_solve,
+                "max_speedup": step_ms["original"] / floor_ms,
                 "reference_loss": reference[0],
                 "accuracy": accuracy,
             }
@@ -479,6 +509,27 @@ def print_table(rows):
         )
 
 
+def print_floor_table(rows):
+    """The step rows against their floor (module docstring): the most any step could gain."""
+    header = (
+        f"{'device':6} {'state':7} {'block':8} | {'floor ms':>8} {'solve evals':>11} | "
+        f"{'original ms':>11} {'max x':>6} | {'impflow x':>9}"
+    )
+    print(header)
+    print("-" * len(header))
+    for r in rows:
+        if r["task"] == "step":
+            print(
+                f"{r['device']:6} {r['state']:7} {r['block']:8} | {r['floor_ms']:>8.1f} "
+                f"{r['floor_solve_evaluations']:>11} | {r['original_ms']:>11.1f} "
+                f"{r['max_speedup']:>6.2f} | {r['speedup']:>9.2f}"
+            )
+    print(
+        "floor: the forward solve's evaluations of g_z (no graph) and one forward and backward "
+        "of every network, no log-det; max x = original / floor"
+    )
+
+
 def print_sampling_table(rows):
     """The sample rows in detail: root only (the main table's ratio), with the log-det, and
     impflow at the original's accuracy."""
@@ -579,6 +630,8 @@ def main(argv=None):
         f"count; max|F|: residual of the returned roots (samples); grad err: relative to "
         f"float64 impflow with tight tolerances"
     )
+    print()
+    print_floor_table(rows)
     print()
     print_sampling_table(rows)
     print(
