@@ -9,13 +9,10 @@ from torch import nn
 
 import impflow.logdet as L
 from impflow.logdet import roulette as roulette_mod
+from testing import TanhMLP, scaled_to_norm
 
 DT = torch.float64
 DIMS = [1, 2, 5, 16]
-
-
-def _scaled(w: torch.Tensor, norm: float) -> torch.Tensor:
-    return w * (norm / torch.linalg.matrix_norm(w, 2))
 
 
 class Linear(nn.Module):
@@ -23,27 +20,17 @@ class Linear(nn.Module):
 
     def __init__(self, d, lip=0.5):
         super().__init__()
-        self.weight = nn.Parameter(_scaled(torch.randn(d, d, dtype=DT), lip))
+        self.weight = nn.Parameter(scaled_to_norm(torch.randn(d, d, dtype=DT), lip))
 
     def forward(self, x):
         return x @ self.weight.T
 
 
-class MLP(nn.Module):
+class MLP(TanhMLP):
     """tanh MLP with weights scaled once so that Lip(g) ≤ lip (product of spectral norms)."""
 
     def __init__(self, d, hidden=8, lip=0.5):
-        super().__init__()
-        self.l1 = nn.Linear(d, hidden, dtype=DT)
-        self.l2 = nn.Linear(hidden, d, dtype=DT)
-        with torch.no_grad():
-            self.l1.weight.copy_(_scaled(torch.randn(hidden, d, dtype=DT), math.sqrt(lip)))
-            self.l2.weight.copy_(_scaled(torch.randn(d, hidden, dtype=DT), math.sqrt(lip)))
-            self.l1.bias.normal_()
-            self.l2.bias.normal_()
-
-    def forward(self, x):
-        return self.l2(torch.tanh(self.l1(x)))
+        super().__init__(d, hidden, lip)
 
 
 def _independent_exact(g, x):

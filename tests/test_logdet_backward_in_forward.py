@@ -1,7 +1,6 @@
 """Tests of backward-in-forward (impflow.logdet.backward_in_forward, DESIGN.md §7, issue 4):
 its gradients equal those of the graph-carrying Neumann estimator for any loss."""
 
-import math
 import weakref
 
 import pytest
@@ -10,30 +9,16 @@ from torch import nn
 
 import impflow.logdet as L
 from impflow.nn import LipschitzConvNet, LipschitzMLP
-from testing import DEVICES
+from testing import DEVICES, TanhMLP
 
 DT = torch.float64
 
 
-def _scaled(w, norm):
-    return w * (norm / torch.linalg.matrix_norm(w, 2))
-
-
-class MLP(nn.Module):
+class MLP(TanhMLP):
     """tanh MLP with Lip ≤ lip; every parameter but the output bias enters the Jacobian."""
 
     def __init__(self, d, hidden=6, lip=0.6):
-        super().__init__()
-        self.l1 = nn.Linear(d, hidden, dtype=DT)
-        self.l2 = nn.Linear(hidden, d, dtype=DT)
-        with torch.no_grad():
-            self.l1.weight.copy_(_scaled(torch.randn(hidden, d, dtype=DT), math.sqrt(lip)))
-            self.l2.weight.copy_(_scaled(torch.randn(d, hidden, dtype=DT), math.sqrt(lip)))
-            self.l1.bias.normal_()
-            self.l2.bias.normal_()
-
-    def forward(self, x):
-        return self.l2(torch.tanh(self.l1(x)))
+        super().__init__(d, hidden, lip)
 
 
 class DropoutMLP(MLP):

@@ -1,7 +1,10 @@
-"""Helpers shared by the tests: devices, dtypes and error measures."""
+"""Helpers shared by the tests: devices, dtypes, error measures and a small test network."""
+
+import math
 
 import pytest
 import torch
+from torch import nn
 
 import impflow
 
@@ -35,3 +38,28 @@ def noncontiguous(t: torch.Tensor) -> torch.Tensor:
     return (
         t.t().contiguous().t() if t.dim() == 2 else t.transpose(0, -1).contiguous().transpose(0, -1)
     )
+
+
+def scaled_to_norm(w: torch.Tensor, norm: float) -> torch.Tensor:
+    """``w`` rescaled to spectral norm ``norm``."""
+    return w * (norm / torch.linalg.matrix_norm(w, 2))
+
+
+class TanhMLP(nn.Module):
+    """``d``-``hidden``-``d`` tanh MLP in float64 with each weight scaled once to spectral norm
+    ``√lip``, so ``Lip(g) ≤ lip``; every parameter but the output bias enters the Jacobian."""
+
+    def __init__(self, d, hidden, lip):
+        super().__init__()
+        self.l1 = nn.Linear(d, hidden, dtype=torch.float64)
+        self.l2 = nn.Linear(hidden, d, dtype=torch.float64)
+        with torch.no_grad():
+            w1 = torch.randn(hidden, d, dtype=torch.float64)
+            self.l1.weight.copy_(scaled_to_norm(w1, math.sqrt(lip)))
+            w2 = torch.randn(d, hidden, dtype=torch.float64)
+            self.l2.weight.copy_(scaled_to_norm(w2, math.sqrt(lip)))
+            self.l1.bias.normal_()
+            self.l2.bias.normal_()
+
+    def forward(self, x):
+        return self.l2(torch.tanh(self.l1(x)))
