@@ -10,7 +10,7 @@ from torch import nn
 from impflow.flow import Flow
 from impflow.nn import ActNorm, ImplicitBlock, LipschitzMLP, ResidualBlock, SequentialFlow
 
-__all__ = ["MODEL_KINDS", "block", "vector_flow"]
+__all__ = ["MODEL_KINDS", "VectorFlowOptions", "block", "vector_flow"]
 
 MODEL_KINDS = ("implicit", "residual")
 
@@ -75,3 +75,33 @@ def vector_flow(
     if actnorm:
         layers.append(ActNorm(dim))
     return Flow(SequentialFlow(*layers), event_shape=(dim,))
+
+
+class VectorFlowOptions:
+    """What the vector tasks (toy, tabular) share: their model options as attributes
+    (``model``, ``blocks``, ``hidden``, ``activation``, ``coeff``, ``n_power_iterations``,
+    ``actnorm``), those options in the task's config, and the flow they build."""
+
+    def model_config(self) -> dict:
+        return {
+            "model": self.model,
+            "blocks": self.blocks,
+            "hidden": list(self.hidden),
+            "activation": self.activation,
+            "coeff": self.coeff,
+            "n_power_iterations": self.n_power_iterations,
+            "actnorm": self.actnorm,
+        }
+
+    def build_vector_flow(self, dim: int, logdet) -> Flow:
+        return vector_flow(
+            self.model,
+            dim,
+            self.blocks,
+            self.hidden,
+            activation=self.activation,
+            coeff=self.coeff,
+            n_power_iterations=self.n_power_iterations,
+            actnorm=self.actnorm,
+            logdet=logdet,
+        )

@@ -23,7 +23,7 @@ from impflow.data.tabular import load_tabular
 from impflow.nn import update_lipschitz
 from impflow.train.evaluation import count_parameters, equal_size_blocks
 from impflow.train.loop import Task
-from impflow.train.models import vector_flow
+from impflow.train.models import VectorFlowOptions
 from impflow.train.plots import _pyplot, _save
 from impflow.train.solver_metrics import mean_forward_iterations
 
@@ -33,7 +33,7 @@ EVAL_POWER_ITERATIONS = 200
 IMPLICIT_BLOCKS = 5  # the paper's ImpFlow L = 5 against ResFlow L = 10 (Table 2)
 
 
-class TabularTask(Task):
+class TabularTask(VectorFlowOptions, Task):
     """Fits a tabular benchmark with ``blocks`` blocks of ``model``.
 
     The defaults are the paper's tabular setting (its ``run_tabular.sh``): Sin MLPs
@@ -95,29 +95,13 @@ class TabularTask(Task):
         return {
             "dataset": self.dataset,
             "n_dims": self.data.n_dims,
-            "model": self.model,
-            "blocks": self.blocks,
-            "hidden": list(self.hidden),
-            "activation": self.activation,
-            "coeff": self.coeff,
-            "n_power_iterations": self.n_power_iterations,
-            "actnorm": self.actnorm,
+            **self.model_config(),
             "logdet": self.logdet,
             "batch_size": self.batch_size,
         }
 
     def build_model(self) -> nn.Module:
-        return vector_flow(
-            self.model,
-            self.data.n_dims,
-            self.blocks,
-            self.hidden,
-            activation=self.activation,
-            coeff=self.coeff,
-            n_power_iterations=self.n_power_iterations,
-            actnorm=self.actnorm,
-            logdet=self.logdet,
-        )
+        return self.build_vector_flow(self.data.n_dims, logdet=self.logdet)
 
     def sample_batch(self, generator):
         index = torch.randint(len(self.data.train), (self.batch_size,), generator=generator)
