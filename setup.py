@@ -16,6 +16,7 @@ the torch it will run with.
 import glob
 import importlib.util
 import os
+import sys
 
 from setuptools import find_packages, setup
 
@@ -87,6 +88,11 @@ def extension():
     cxx += ["-fopenmp"] if torch.backends.openmp.is_available() else ["-fopenmp-simd"]
     cxx += ["-fno-math-errno"]  # sqrt without errno: vectorisable; nothing reads errno
     link = ["-fopenmp"] if torch.backends.openmp.is_available() else []
+    if sys.platform.startswith("linux"):
+        # Use torch's shared libstdc++ even where the compiler links its own copy statically
+        # (seen with a g++ wrapper on a GPU machine): a second copy has uninitialised stream
+        # facets, so every TORCH_CHECK message that prints a number was cut short or crashed.
+        link += ["-Wl,--push-state,--no-as-needed", "-lstdc++", "-Wl,--pop-state"]
     cxx += [version_define]  # torch picks the C++ standard it needs (17 or 20)
     include_dirs = [os.path.join(ROOT, "csrc", "include")]
     if not with_cuda:

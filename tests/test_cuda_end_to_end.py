@@ -89,7 +89,7 @@ def test_block_on_cuda_matches_cpu(kind, block):
     x = torch.randn(5, *shape, dtype=torch.float64)
     outputs = {}
     for name, m in (("cpu", cpu), ("cuda", gpu)):
-        xd = x.to(name).requires_grad_()
+        xd = x.clone().to(name).requires_grad_()  # a leaf on each device
         z, logdet = m(xd)
         (z.square().sum() + logdet.sin().sum()).backward()
         with torch.no_grad():

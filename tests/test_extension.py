@@ -40,3 +40,18 @@ def test_cuda_tensor_without_cuda_kernels(monkeypatch):
     fake_cuda = types.SimpleNamespace(is_cuda=True)
     with pytest.raises(RuntimeError, match="built without CUDA kernels"):
         _extension.check_device(fake_cuda, "ops.broyden_step")
+
+
+def test_kernel_error_messages_print_their_numbers():
+    # A second, statically linked libstdc++ in the extension (a compiler that links it by
+    # default) leaves its stream facets uninitialised: C++ messages then stop at the first
+    # number, or crash. setup.py links torch's shared copy; this shows the result.
+    U, V = torch.zeros(3, 4, 5), torch.zeros(3, 3, 5)
+    z, active = torch.zeros(3, 5), torch.ones(3, dtype=torch.bool)
+    with pytest.raises(RuntimeError) as error:
+        torch.ops.impflow.broyden_step(U, V, z, z, z, active, 1, 4)
+    assert "V must have the shape of U [3, 4, 5], got [3, 3, 5]" in str(error.value)
+    w, u, v = torch.zeros(3, 2), torch.zeros(3), torch.zeros(2)
+    with pytest.raises(RuntimeError) as error:
+        torch.ops.impflow.power_iteration([w], [u], [v], -7)
+    assert "n_iterations must be >= 0, got -7" in str(error.value)

@@ -237,12 +237,18 @@ def test_broyden_fused_and_reference_agree(history, dtype):
     assert s_f.all_converged and s_r.all_converged
     # history=3 wraps the ring buffer many times.
     assert int(s_f.nstep.max()) > history or history == 30
-    assert torch.equal(s_f.nstep, s_r.nstep)
-    assert s_f.n_fn_evals == s_r.n_fn_evals
+    # The reference's einsums round differently from the fused kernel, and differently on
+    # another CPU (BLAS picks its kernels by instruction set): a sample whose residual lands
+    # within rounding of tol may stop one step earlier in one of them. All others agree.
+    same = s_f.nstep == s_r.nstep
+    assert int((~same).sum()) <= 1 and int((s_f.nstep - s_r.nstep).abs().max()) <= 1
+    assert abs(s_f.n_fn_evals - s_r.n_fn_evals) <= 1
     assert torch.equal(s_f.converged, s_r.converged)
     atol = 1e-10 if dtype == torch.float64 else 1e-4
-    torch.testing.assert_close(z_f, z_r, atol=atol, rtol=0)
-    torch.testing.assert_close(s_f.residual, s_r.residual, atol=atol, rtol=0)
+    torch.testing.assert_close(z_f[same], z_r[same], atol=atol, rtol=0)
+    torch.testing.assert_close(s_f.residual[same], s_r.residual[same], atol=atol, rtol=0)
+    # |z - z*| <= |F(z)| / (1 - L) for either stop
+    torch.testing.assert_close(z_f, z_r, atol=2 * tol / (1 - 0.95), rtol=0)
 
 
 def test_broyden_fused_and_reference_agree_step_by_step(monkeypatch):

@@ -44,6 +44,8 @@ def mlp_vjp_series(weights, act_derivs, v, coeffs, n_terms, *, check_finite=True
     weights, act_derivs = list(weights), list(act_derivs)
     check_device(v, "ops.mlp_vjp_series")
     if check_finite and not torch.compiler.is_compiling():
+        # Devices first: the finite check gathers one flag per input, across their devices.
+        _check_devices(_named_inputs(weights, act_derivs, coeffs), v)
         named = [(f"weights[{i}]", w) for i, w in enumerate(weights)]
         named += [(f"act_derivs[{i}]", t) for i, t in enumerate(act_derivs)]
         named += [("v", v), ("coeffs", coeffs)]
@@ -61,20 +63,33 @@ def _check_finite(named):
             raise ValueError(f"ops.mlp_vjp_series: {name} contains NaN or Inf values")
 
 
+def _named_inputs(weights, act_derivs, coeffs):
+    named = [(f"weights[{i}]", w) for i, w in enumerate(weights)]
+    return (
+        named + [(f"act_derivs[{i}]", t) for i, t in enumerate(act_derivs)] + [("coeffs", coeffs)]
+    )
+
+
+def _check_devices(named, v):
+    for name, t in named:
+        if not isinstance(t, torch.Tensor):
+            continue  # the op's schema names the wrong type
+        torch._check(
+            t.device == v.device,
+            lambda: f"mlp_vjp_series: {name} must be on v's device {v.device}, got {t.device}",
+        )
+
+
 def _check_same_kind(weights, act_derivs, v, coeffs):
     # The checks of csrc/include/impflow/mlp_vjp_series_checks.h that need no data, for the
     # fake kernel (a meta or fake tensor among the inputs dispatches here, not to a backend).
-    named = [(f"weights[{i}]", w) for i, w in enumerate(weights)]
-    named += [(f"act_derivs[{i}]", t) for i, t in enumerate(act_derivs)] + [("coeffs", coeffs)]
+    named = _named_inputs(weights, act_derivs, coeffs)
     for name, t in named:
         torch._check(
             t.dtype == v.dtype,
             lambda: f"mlp_vjp_series: {name} must have v's dtype {v.dtype}, got {t.dtype}",
         )
-        torch._check(
-            t.device == v.device,
-            lambda: f"mlp_vjp_series: {name} must be on v's device {v.device}, got {t.device}",
-        )
+    _check_devices(named, v)
 
 
 @torch.library.register_fake("impflow::mlp_vjp_series")
