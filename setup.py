@@ -87,6 +87,9 @@ def extension():
     # with the OpenMP that torch uses. Without it, still honour `#pragma omp simd`.
     cxx += ["-fopenmp"] if torch.backends.openmp.is_available() else ["-fopenmp-simd"]
     cxx += ["-fno-math-errno"]  # sqrt without errno: vectorisable; nothing reads errno
+    # Results stay IEEE; only floating-point exception flags, which nothing reads, may differ.
+    # It lets GCC vectorise selects around divisions (1/denominator, res/||z||).
+    cxx += ["-fno-trapping-math"]
     link = ["-fopenmp"] if torch.backends.openmp.is_available() else []
     if sys.platform.startswith("linux"):
         # Use torch's shared libstdc++ even where the compiler links its own copy statically

@@ -20,48 +20,73 @@ namespace {
 
 constexpr int64_t kBlock = 256;  // samples whose norms and decisions are vectorised together
 
-// best_z, best_F <- z, F for the lanes that improved, for samples of N elements.
+// best_z, best_F <- z, F for the lanes that improved, for samples of N elements: the flags
+// are first spread to one per element, so that the selects run along contiguous elements.
 template <typename scalar_t, int N>
 IMPFLOW_INLINE void copy_better(const scalar_t* __restrict__ z, const scalar_t* __restrict__ F,
                                 scalar_t* __restrict__ best_z, scalar_t* __restrict__ best_F,
                                 const uint8_t* __restrict__ better, int64_t b0, int64_t len) {
+  int32_t take[N * kBlock];  // an integer flag per element: a bool keeps the loop scalar
 #pragma omp simd
   for (int64_t l = 0; l < len; ++l) {
-    const bool take = better[l] != 0;
-    for (int j = 0; j < N; ++j) {
-      const int64_t k = (b0 + l) * N + j;
-      best_z[k] = take ? z[k] : best_z[k];
-      best_F[k] = take ? F[k] : best_F[k];
+    for (int j = 0; j < N; ++j) take[l * N + j] = better[l];
+  }
+  const int64_t k0 = b0 * N;
+#pragma omp simd
+  for (int64_t k = 0; k < len * N; ++k) {
+    best_z[k0 + k] = take[k] ? z[k0 + k] : best_z[k0 + k];
+    best_F[k0 + k] = take[k] ? F[k0 + k] : best_F[k0 + k];
+  }
+}
+
+// ||F||^2 and ||z||^2 of the samples b0 .. b0 + len, of N elements each (N known at compile
+// time, so that the loop along the samples vectorises); N = 0: n elements.
+template <typename scalar_t, int N>
+IMPFLOW_INLINE void short_norms(const scalar_t* __restrict__ z, const scalar_t* __restrict__ F,
+                                double* __restrict__ F_sq, double* __restrict__ z_sq, int64_t n,
+                                int64_t b0, int64_t len) {
+  const int64_t m = N > 0 ? N : n;
+#pragma omp simd
+  for (int64_t l = 0; l < len; ++l) {
+    double f2 = 0, z2 = 0;
+    for (int64_t j = 0; j < m; ++j) {
+      const double f = F[(b0 + l) * m + j], x = z[(b0 + l) * m + j];
+      f2 += f * f, z2 += x * x;
     }
+    F_sq[l] = f2, z_sq[l] = z2;
   }
 }
 
 // Returns the counts [active, blown up] of the range and writes its part of the mask.
-// Three loops per block of samples, each along the samples: the norms, the decisions
-// (track_decide), then the copies into the best iterate. (perf shows GCC 12 leaves the
-// decision loop scalar in the multiversioned build; a standalone -mavx512f build vectorises it.)
-template <typename scalar_t>
+// Per block of samples, loops along the samples: the norms, the decisions (track_decide),
+// the counts, then the copies into the best iterate. perf showed each loop scalar at first;
+// the code is shaped the way GCC 12 vectorises it: compile-time sample sizes and stop mode,
+// integer flags instead of bools, the settings in a local copy, no reduction in the
+// decision loop.
+template <typename scalar_t, bool Relative>
 IMPFLOW_INLINE std::pair<int64_t, int64_t> track_samples(const scalar_t* __restrict__ z,
                                           const scalar_t* __restrict__ F,
                                           scalar_t* __restrict__ best_z,
                                           scalar_t* __restrict__ best_F, double* __restrict__ best,
                                           uint8_t* __restrict__ status, int64_t* __restrict__ nstep,
                                           bool* __restrict__ mask, int64_t B, int64_t n,
-                                          const TrackSettings& s, int64_t begin, int64_t end) {
+                                          const TrackSettings& settings, int64_t begin,
+                                          int64_t end) {
+  // A local copy: the stores into `best` could alias a reference, which keeps GCC from
+  // hoisting the settings out of the decision loop and from vectorising it.
+  const TrackSettings s = settings;
   double F_sq[kBlock], z_sq[kBlock];
   uint8_t better[kBlock];  // bytes, not bool: bool stores do not vectorise
   int64_t active = 0, blowup = 0;
   for (int64_t b0 = begin; b0 < end; b0 += kBlock) {
     const int64_t len = std::min(kBlock, end - b0);
     if (n <= 8) {  // short samples: lanes hold samples
-#pragma omp simd
-      for (int64_t l = 0; l < len; ++l) {
-        double f2 = 0, z2 = 0;
-        for (int64_t j = 0; j < n; ++j) {
-          const double f = F[(b0 + l) * n + j], x = z[(b0 + l) * n + j];
-          f2 += f * f, z2 += x * x;
-        }
-        F_sq[l] = f2, z_sq[l] = z2;
+      switch (n) {
+        case 1: short_norms<scalar_t, 1>(z, F, F_sq, z_sq, n, b0, len); break;
+        case 2: short_norms<scalar_t, 2>(z, F, F_sq, z_sq, n, b0, len); break;
+        case 3: short_norms<scalar_t, 3>(z, F, F_sq, z_sq, n, b0, len); break;
+        case 4: short_norms<scalar_t, 4>(z, F, F_sq, z_sq, n, b0, len); break;
+        default: short_norms<scalar_t, 0>(z, F, F_sq, z_sq, n, b0, len);
       }
     } else {  // long samples: lanes run along each sample
       for (int64_t l = 0; l < len; ++l) {
@@ -80,22 +105,29 @@ IMPFLOW_INLINE std::pair<int64_t, int64_t> track_samples(const scalar_t* __restr
     double* __restrict__ best_residual = best + kBestResidual * B + b0;
     double* __restrict__ best_norm = best + kBestNorm * B + b0;
     const double* __restrict__ initial = best + kInitialResidual * B + b0;
-#pragma omp simd reduction(+ : block_active, block_blowup)
+    // No reduction in this loop: GCC's `omp simd` reduction arrays defeat its dependence
+    // analysis here and leave the loop scalar; the counts come from a loop of their own.
+#pragma omp simd
     for (int64_t l = 0; l < len; ++l) {
-      const uint8_t old = status[b0 + l];
-      const bool on = (old & kActive) != 0;
-      const TrackDecision d = track_decide(F_sq[l], z_sq[l], best_measure[l], initial[l], old, s);
-      const bool improve = on & d.better;
-      better[l] = improve;
+      const int64_t old = status[b0 + l];
+      const int64_t on = old & kActive;  // 0 or 1
+      const TrackDecision d =
+          track_decide_mode<Relative>(F_sq[l], z_sq[l], best_measure[l], initial[l], old, s);
+      const int64_t improve = on & d.better;
+      better[l] = uint8_t(improve);
       best_measure[l] = improve ? d.measure : best_measure[l];
       best_residual[l] = improve ? d.residual : best_residual[l];
       best_norm[l] = improve ? d.z_norm : best_norm[l];
-      const uint8_t st = on ? d.status : uint8_t(old & ~kBlowup);
-      status[b0 + l] = st;
-      nstep[b0 + l] += on ? 1 : 0;
-      reinterpret_cast<uint8_t*>(mask)[b0 + l] = (st & (kActive | kFallback)) == kActive;
-      block_active += (st & kActive) != 0;
-      block_blowup += (st & kBlowup) != 0;
+      const int64_t st = on ? d.status : (old & ~int64_t(kBlowup));
+      status[b0 + l] = uint8_t(st);
+      nstep[b0 + l] += on;
+      reinterpret_cast<uint8_t*>(mask)[b0 + l] =
+          uint8_t((st & (kActive | kFallback)) == kActive ? 1 : 0);
+    }
+#pragma omp simd reduction(+ : block_active, block_blowup)
+    for (int64_t l = 0; l < len; ++l) {
+      block_active += (status[b0 + l] & kActive) != 0;
+      block_blowup += (status[b0 + l] & kBlowup) != 0;
     }
     active += block_active;
     blowup += block_blowup;
@@ -121,15 +153,20 @@ IMPFLOW_CPU_CLONES std::pair<int64_t, int64_t> track_samples_f32(
     const float* z, const float* F, float* best_z, float* best_F, double* best, uint8_t* status,
     int64_t* nstep, bool* mask, int64_t B, int64_t n, const TrackSettings& s, int64_t begin,
     int64_t end) {
-  return track_samples<float>(z, F, best_z, best_F, best, status, nstep, mask, B, n, s, begin, end);
+  return s.relative ? track_samples<float, true>(z, F, best_z, best_F, best, status, nstep, mask,
+                                                 B, n, s, begin, end)
+                    : track_samples<float, false>(z, F, best_z, best_F, best, status, nstep, mask,
+                                                  B, n, s, begin, end);
 }
 
 IMPFLOW_CPU_CLONES std::pair<int64_t, int64_t> track_samples_f64(
     const double* z, const double* F, double* best_z, double* best_F, double* best,
     uint8_t* status, int64_t* nstep, bool* mask, int64_t B, int64_t n, const TrackSettings& s,
     int64_t begin, int64_t end) {
-  return track_samples<double>(z, F, best_z, best_F, best, status, nstep, mask, B, n, s, begin,
-                               end);
+  return s.relative ? track_samples<double, true>(z, F, best_z, best_F, best, status, nstep, mask,
+                                                  B, n, s, begin, end)
+                    : track_samples<double, false>(z, F, best_z, best_F, best, status, nstep, mask,
+                                                   B, n, s, begin, end);
 }
 
 std::pair<int64_t, int64_t> track_samples_any(const float* z, const float* F, float* best_z,

@@ -3,6 +3,7 @@
 
 import inspect
 
+from impflow.solvers._workspace import clear as clear_history_cache
 from impflow.solvers.anderson import anderson
 from impflow.solvers.broyden import broyden
 from impflow.solvers.fixed_point import fixed_point
@@ -10,7 +11,16 @@ from impflow.solvers.stats import SolverStats, SolverWarning
 
 SOLVERS = {"broyden": broyden, "anderson": anderson, "fixed_point": fixed_point}
 
-__all__ = ["SOLVERS", "SolverStats", "SolverWarning", "anderson", "broyden", "fixed_point", "solve"]
+__all__ = [
+    "SOLVERS",
+    "SolverStats",
+    "SolverWarning",
+    "anderson",
+    "broyden",
+    "clear_history_cache",
+    "fixed_point",
+    "solve",
+]
 
 
 def solver_options(method):

@@ -1,11 +1,14 @@
 """Batched good-Broyden root finding with a fused update op (DESIGN.md §2–§3)."""
 
+import contextlib
+
 import torch
 
 from impflow.ops.broyden import broyden_step
 from impflow.ops.reference import broyden_step_reference
 from impflow.ops.track import ACTIVE, FALLBACK
 from impflow.solvers._common import FlatFunction, Tracker, check_common_args, check_history
+from impflow.solvers._workspace import reused
 
 __all__ = ["broyden", "broyden_history"]
 
@@ -28,6 +31,15 @@ def broyden_history(B, n, m, dtype, device, impl="fused"):
             torch.empty(m, n, B, dtype=dtype, device=device).permute(2, 0, 1) for _ in "UV"
         )
     return tuple(torch.empty(B, m, n, dtype=dtype, device=device) for _ in "UV")
+
+
+def _solve_histories(B, n, m, dtype, device, impl):
+    """The histories of one solve: on the CPU, the fused path's are reused across solves
+    (see impflow/solvers/_workspace.py); the reference allocates zeros, as the original code."""
+    if impl == "fused" and device.type == "cpu":
+        key = ("broyden", B, n, m, dtype)
+        return reused(key, lambda: broyden_history(B, n, m, dtype, device, impl))
+    return contextlib.nullcontext(broyden_history(B, n, m, dtype, device, impl))
 
 
 @torch.no_grad()
@@ -84,28 +96,28 @@ def broyden(
     track = Tracker(
         z, F, tol=tol, stop_mode=stop_mode, divergence_ratio=divergence_ratio, impl=impl
     )
-    U, V = broyden_history(*z.shape, history, z.dtype, z.device, impl)
-    # H = -I: the first step is a fixed-point step, for the samples that are not done yet.
-    step = F if track.n_active == z.shape[0] else torch.where(track.first_mask[:, None], F, 0.0)
-    n_updates = 0
-    while track.n_active and n_updates < max_iter:
-        z_new = z + step
-        F_new = f(z_new)
-        n_blowup, use = track.update(z_new, F_new)
-        if n_blowup:
-            z_new, F_new = track.restart_blown_up(z_new, F_new)
-            use = track.accelerated_mask()
-        if not track.n_active or n_updates + 1 == max_iter:
+    with _solve_histories(*z.shape, history, z.dtype, z.device, impl) as (U, V):
+        # H = -I: the first step is a fixed-point step, for the samples that are not done yet.
+        step = F if track.n_active == z.shape[0] else torch.where(track.first_mask[:, None], F, 0.0)
+        n_updates = 0
+        while track.n_active and n_updates < max_iter:
+            z_new = z + step
+            F_new = f(z_new)
+            n_blowup, use = track.update(z_new, F_new)
+            if n_blowup:
+                z_new, F_new = track.restart_blown_up(z_new, F_new)
+                use = track.accelerated_mask()
+            if not track.n_active or n_updates + 1 == max_iter:
+                n_updates += 1
+                break  # no step will be taken: skip the update
+            slot = n_updates % history
+            n_valid = min(n_updates, history)
+            step = update(U, V, step, F_new - F, F_new, use, slot, n_valid)
             n_updates += 1
-            break  # no step will be taken: skip the update
-        slot = n_updates % history
-        n_valid = min(n_updates, history)
-        step = update(U, V, step, F_new - F, F_new, use, slot, n_valid)
-        n_updates += 1
-        if track.any_fallback:
-            fixed = track.flagged(ACTIVE) & track.flagged(FALLBACK)
-            step = torch.where(fixed[:, None], F_new, step)
-        z, F = z_new, F_new
+            if track.any_fallback:
+                fixed = track.flagged(ACTIVE) & track.flagged(FALLBACK)
+                step = torch.where(fixed[:, None], F_new, step)
+            z, F = z_new, F_new
     return track.finish(
         "broyden",
         f.calls,

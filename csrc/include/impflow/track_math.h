@@ -37,36 +37,50 @@ struct TrackSettings {
   bool relative;
 };
 
+// Flags are 0/1 integers and the status a whole word rather than bool and uint8: a loop over
+// samples that mixes bool or byte arithmetic with doubles does not vectorise (GCC 12).
 struct TrackDecision {
-  bool better;   // copy z, F into best_z, best_F and the new values into `best`
+  int64_t better;  // 1: copy z, F into best_z, best_F and the new values into `best`
   double measure, residual, z_norm;
-  uint8_t status;
+  int64_t status;  // the new status bits (fit in a byte)
 };
 
 // Decision for an active sample from ||F||^2 and ||z||^2 (accumulated in double), its best
-// measure so far and its first residual.
-IMPFLOW_HOST_DEVICE TrackDecision track_decide(double F_sq, double z_sq, double best_measure,
-                                               double initial, uint8_t status,
-                                               const TrackSettings& s) {
+// measure so far and its first residual. Written without branches (selects and integer flags),
+// so that the CPU loop over samples vectorises.
+// `Relative` is the stop mode as a compile-time constant: a select on a run-time bool inside
+// the loop keeps GCC from vectorising it (track_decide below chooses at run time).
+template <bool Relative>
+IMPFLOW_HOST_DEVICE TrackDecision track_decide_mode(double F_sq, double z_sq, double best_measure,
+                                                    double initial, int64_t status,
+                                                    const TrackSettings& s) {
   TrackDecision out;
   const double res = sqrt(F_sq);
   const double z_norm = sqrt(z_sq);
-  const bool finite = finite_value(res);
-  const double measure = s.relative ? res / (z_norm + 1e-12) : res;
+  const int64_t finite = finite_value(res) ? 1 : 0;
+  const double measure = Relative ? res / (z_norm + 1e-12) : res;
   out.residual = res;
   out.measure = measure;
   out.z_norm = z_norm;
-  out.better = finite && measure < best_measure;
+  out.better = (measure < best_measure) ? finite : 0;  // a NaN measure compares false
   const double scale = initial > s.tol ? initial : s.tol;
-  const bool blowup = !finite || res > s.divergence_ratio * scale;
-  const double floor = s.relative ? s.floor_scale : s.floor_scale * (z_norm + s.sqrt_n);
+  const int64_t blowup = (res > s.divergence_ratio * scale) ? 1 : 1 - finite;
+  const double floor = Relative ? s.floor_scale : s.floor_scale * (z_norm + s.sqrt_n);
   const double stop = floor > s.tol ? floor : s.tol;
-  status = uint8_t(status & ~kBlowup);
-  if (!finite) status |= kNonfinite;
-  if (blowup) status |= kBlowup;
-  if (finite && measure <= stop) status = uint8_t((status | kConverged) & ~kActive);
-  out.status = status;
+  const int64_t converged = (measure <= stop) ? finite : 0;
+  int64_t st = status & ~int64_t(kBlowup);
+  st |= (1 - finite) * kNonfinite;
+  st |= blowup * kBlowup;
+  st = (st | converged * kConverged) & ~(converged * kActive);
+  out.status = st;
   return out;
+}
+
+IMPFLOW_HOST_DEVICE TrackDecision track_decide(double F_sq, double z_sq, double best_measure,
+                                               double initial, int64_t status,
+                                               const TrackSettings& s) {
+  return s.relative ? track_decide_mode<true>(F_sq, z_sq, best_measure, initial, status, s)
+                    : track_decide_mode<false>(F_sq, z_sq, best_measure, initial, status, s);
 }
 
 }  // namespace impflow
