@@ -1,5 +1,9 @@
 """The fused Broyden op against its pure-PyTorch reference, opcheck, and argument checks."""
 
+import os
+import subprocess
+import sys
+
 import pytest
 import torch
 
@@ -88,10 +92,11 @@ def test_matches_reference(B, m, d, dtype, device):
 @pytest.mark.parametrize("device", DEVICES)
 @pytest.mark.parametrize("dtype", DTYPES)
 @pytest.mark.parametrize(
-    "B,m,d", [(B, m, d) for B in (1, 7, 256) for d in (1, 2, 3, 64) for m in (1, 5, 30)]
+    "B,m,d", [(B, m, d) for B in (1, 7, 256) for d in (1, 2, 3, 4, 64) for m in (1, 5, 30)]
 )
 def test_batch_minor_layout_matches_reference(B, m, d, dtype, device):
-    """Histories stored as (m, d, B) (the solver's layout for small d on CPU)."""
+    """Histories stored as (m, d, B) (the solver's layout for small d on CPU; d <= 4 runs the
+    AVX-512 kernel where the CPU has it: B = 7 and 256 give partial and full vector blocks)."""
     for n_valid, slot in {(0, 0), (m - 1, m - 1), (m, m // 2)}:
         state = make_state(
             B,
@@ -151,10 +156,13 @@ def test_noncontiguous_vectors(dtype, device):
 
 
 @pytest.mark.parametrize("device", DEVICES)
-def test_zero_denominator_drops_update(device):
+@pytest.mark.parametrize("d,layout", [(5, "contiguous"), (2, "batch_minor"), (4, "batch_minor")])
+def test_zero_denominator_drops_update(device, d, layout):
     """dz = 0 carries no information: the slot is cleared and the step uses the rest."""
-    B, m, d, n_valid, slot = 4, 3, 5, 3, 1
-    U, V, dz, dF, F, active = make_state(B, m, d, n_valid, torch.float64, device, seed=7)
+    B, m, n_valid, slot = 4, 3, 3, 1
+    U, V, dz, dF, F, active = make_state(
+        B, m, d, n_valid, torch.float64, device, seed=7, layout=layout
+    )
     dz.zero_()
     out, ref = run_both(U, V, dz, dF, F, active, slot, n_valid)
     step, U1, V1 = out
@@ -207,3 +215,30 @@ def test_bad_arguments(message, spoil):
     spoil(state)
     with pytest.raises(RuntimeError, match=message):
         broyden_step(*(state[k] for k in names), state["slot"], state["n_valid"])
+
+
+def test_compiler_vectorised_kernel_without_avx512():
+    """With IMPFLOW_DISABLE_AVX512=1 the batch-minor layout (d <= 4) runs the kernel that CPUs
+    without AVX-512 use; a fresh process, since the switch is read once."""
+    script = (
+        "import torch, impflow\n"
+        "from test_broyden_step import make_state, run_both, reference_on_copies, "
+        "assert_close_to_reference\n"
+        "for dtype in (torch.float32, torch.float64):\n"
+        "    for B, m, d in ((7, 5, 1), (256, 30, 2), (33, 5, 3), (9, 4, 4)):\n"
+        "        state = make_state(B, m, d, m, dtype, 'cpu', seed=B + d, layout='batch_minor',\n"
+        "                           active_fraction=0.7)\n"
+        "        same = reference_on_copies(*state, m // 2, m, dtype)\n"
+        "        out, ref = run_both(*state, m // 2, m)\n"
+        "        assert_close_to_reference(out, ref, same, f'{B} {m} {d} {dtype}')\n"
+        "print('ok')\n"
+    )
+    env = {**os.environ, "IMPFLOW_DISABLE_AVX512": "1"}
+    tests = os.path.dirname(os.path.abspath(__file__))
+    paths = [tests, os.path.dirname(tests), env.get("PYTHONPATH", "")]
+    env["PYTHONPATH"] = os.pathsep.join(p for p in paths if p)
+    result = subprocess.run(
+        [sys.executable, "-c", script], env=env, capture_output=True, text=True, timeout=300
+    )
+    assert result.returncode == 0, result.stderr
+    assert result.stdout.strip() == "ok"

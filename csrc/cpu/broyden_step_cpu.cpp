@@ -14,11 +14,13 @@
 #include <torch/library.h>
 
 #include <algorithm>
+#include <cstdlib>
 #include <vector>
 
 #include "impflow/broyden_checks.h"
 #include "impflow/broyden_math.h"
 #include "impflow/cpu_dispatch.h"
+#include "broyden_step_avx512.h"
 
 namespace impflow {
 namespace {
@@ -285,15 +287,46 @@ IMPFLOW_CPU_CLONES void samples_range_f64(double* U, double* V, const double* dz
   samples_range<double>(U, V, dz, dF, F, active, step, p, begin, end, rows);
 }
 
+#ifdef IMPFLOW_HAVE_AVX512_STEP
+// The hand-written AVX-512 kernel takes batch-minor problems with d <= 4 where the CPU has it.
+// IMPFLOW_DISABLE_AVX512=1 (read once) keeps the compiler-vectorised kernel, which CPUs
+// without AVX-512 run: the tests use it to check that kernel on any machine.
+bool use_avx512_step(const Problem& p) {
+  static const bool enabled = [] {
+    const char* off = std::getenv("IMPFLOW_DISABLE_AVX512");
+    return __builtin_cpu_supports("avx512f") && !(off && off[0] == '1');
+  }();
+  return enabled && p.batch_minor && p.d >= 1 && p.d <= 4;
+}
+
+template <typename S>
+void avx512_step(typename S::scalar* U, typename S::scalar* V, const typename S::scalar* dz,
+                 const typename S::scalar* dF, const typename S::scalar* F, const bool* active,
+                 typename S::scalar* step, const Problem& p, int64_t begin, int64_t end) {
+  switch (p.d) {
+    case 1: return avx512::step_samples<S, 1>(U, V, dz, dF, F, active, step, p.B, p.n_valid, p.slot, begin, end);
+    case 2: return avx512::step_samples<S, 2>(U, V, dz, dF, F, active, step, p.B, p.n_valid, p.slot, begin, end);
+    case 3: return avx512::step_samples<S, 3>(U, V, dz, dF, F, active, step, p.B, p.n_valid, p.slot, begin, end);
+    default: return avx512::step_samples<S, 4>(U, V, dz, dF, F, active, step, p.B, p.n_valid, p.slot, begin, end);
+  }
+}
+#endif
+
 void samples_range_any(float* U, float* V, const float* dz, const float* dF, const float* F,
                        const bool* active, float* step, const Problem& p, int64_t begin,
                        int64_t end, float* rows) {
+#ifdef IMPFLOW_HAVE_AVX512_STEP
+  if (use_avx512_step(p)) return avx512_step<avx512::Float16>(U, V, dz, dF, F, active, step, p, begin, end);
+#endif
   samples_range_f32(U, V, dz, dF, F, active, step, p, begin, end, rows);
 }
 
 void samples_range_any(double* U, double* V, const double* dz, const double* dF, const double* F,
                        const bool* active, double* step, const Problem& p, int64_t begin,
                        int64_t end, double* rows) {
+#ifdef IMPFLOW_HAVE_AVX512_STEP
+  if (use_avx512_step(p)) return avx512_step<avx512::Double8>(U, V, dz, dF, F, active, step, p, begin, end);
+#endif
   samples_range_f64(U, V, dz, dF, F, active, step, p, begin, end, rows);
 }
 
