@@ -70,12 +70,13 @@ class FlatFunction:
             raise TypeError(f"fn must be callable, got {type(fn).__name__}")
         self.fn = fn
         self.shape = z0.shape
+        self.flat = z0.dim() == 2  # (B, n) already: no views needed (1.4 µs a call)
         self.dtype = z0.dtype
         self.device = z0.device
         self.calls = 0
 
     def __call__(self, z_flat):
-        out = self.fn(z_flat.view(self.shape))
+        out = self.fn(z_flat if self.flat else z_flat.view(self.shape))
         self.calls += 1
         if not isinstance(out, torch.Tensor):
             raise TypeError(f"fn must return a tensor, got {type(out).__name__}")
@@ -92,7 +93,8 @@ class FlatFunction:
         # A private copy: fn may hand back the same buffer on every call (an out= buffer, a
         # CUDA graph's static output) and overwrite it inside the next call, while the solver
         # still holds the previous F; only a copy taken now is safe.
-        return out.clone(memory_format=torch.contiguous_format).view(self.shape[0], -1)
+        out = out.clone(memory_format=torch.contiguous_format)
+        return out if self.flat else out.view(self.shape[0], -1)
 
 
 class Tracker:
