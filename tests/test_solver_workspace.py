@@ -116,3 +116,19 @@ def test_concurrent_solves_in_threads_are_correct():
     for t in threads:
         t.join()
     assert not errors, errors
+
+
+def test_histories_pass_between_inference_mode_and_normal_solves():
+    # Sampling often runs under inference_mode; its histories are inference tensors, which the
+    # next (training) solve updates in place.
+    fn, z_star, _ = contraction_problem(64, (2,), 0.9, seed=5)
+    z0 = torch.zeros(64, 2, dtype=torch.float64)
+    with torch.inference_mode():
+        z_inference, _ = broyden(fn, z0, tol=1e-10)
+    assert len(_workspace._kept) == 1
+    z_normal, stats = broyden(fn, z0, tol=1e-10)
+    assert stats.all_converged
+    assert torch.equal(z_normal, z_inference)
+    with torch.inference_mode():
+        z_again, _ = broyden(fn, z0, tol=1e-10)
+    assert torch.equal(z_again, z_normal)

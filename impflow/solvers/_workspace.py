@@ -11,7 +11,7 @@ key takes them. CUDA needs none of this: torch's caching allocator already keeps
 import threading
 from contextlib import contextmanager
 
-_MAX_SETS = 4  # buffer sets kept for later solves, least recently returned dropped first
+_MAX_SETS = 8  # buffer sets kept for later solves, least recently returned dropped first
 _MAX_BYTES = 512 << 20  # and at most this much memory kept in all
 _lock = threading.Lock()
 _kept = {}  # key -> tuple of tensors; insertion order is the order of return
