@@ -38,7 +38,7 @@ def test_every_parameter_free_activation_is_fused():
 
 @pytest.mark.parametrize("dtype", [torch.float32, F64])
 @pytest.mark.parametrize("broadcast", [True, False])
-@pytest.mark.parametrize("shape", [(1, 1, 1), (7, 5, 2), (13, 9, 3)])
+@pytest.mark.parametrize("shape", [(1, 1, 1), (7, 5, 2), (13, 9, 3), (3, 4, 11)])
 @pytest.mark.parametrize("act_type", FUSED + [LipSwish])
 def test_values_and_gradients_match_plain_ops(act_type, shape, broadcast, dtype):
     act = act_type().to(dtype)
