@@ -32,22 +32,36 @@ def median_seconds(fn, device, *, min_repeats=5, min_seconds=0.5, warmup=2, max_
     return statistics.median(times), len(times)
 
 
-def interleaved_medians(calls, device, min_seconds, *, min_repeats=5, warmup=2):
-    """Median seconds of each call of ``calls`` and the repeats: one call of each per round,
-    until every call has ``min_repeats`` and ``min_seconds`` have passed, so that drifting
-    load on a shared machine affects all of them alike (side-by-side ratios)."""
+def interleaved_medians(calls, device, min_seconds, *, min_repeats=5, warmup=2, block_seconds=0.0):
+    """Median seconds of each call of ``calls`` and the repeats of the first: the calls take
+    turns in rounds until every call has ``min_repeats`` and ``min_seconds`` have passed, so
+    that drifting load on a shared machine affects all of them alike (side-by-side ratios).
+
+    ``block_seconds = 0``: one call of each per round, so each call starts from the caches
+    the other left. ``block_seconds > 0``: per round, each call runs once untimed, then is
+    timed repeatedly for about ``block_seconds``: every call is measured warm, as a loop of
+    the same work runs, and the drift still hits all of them alike.
+    """
     for _ in range(warmup):
         for call in calls:
             call()
     synchronize(device)
     times = [[] for _ in calls]
     start = time.perf_counter()
-    while len(times[0]) < min_repeats or time.perf_counter() - start < min_seconds:
+    while min(map(len, times)) < min_repeats or time.perf_counter() - start < min_seconds:
         for call, record in zip(calls, times):
-            t0 = time.perf_counter()
-            call()
-            synchronize(device)
-            record.append(time.perf_counter() - t0)
+            if block_seconds > 0:
+                call()
+                synchronize(device)
+            block_end = time.perf_counter() + block_seconds
+            while True:
+                t0 = time.perf_counter()
+                call()
+                synchronize(device)
+                t1 = time.perf_counter()
+                record.append(t1 - t0)
+                if t1 >= block_end:
+                    break
     return [statistics.median(t) for t in times], len(times[0])
 
 

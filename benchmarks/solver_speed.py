@@ -5,9 +5,12 @@ For each (B, d, m) and device it times, side by side in one run:
     ``impflow.ops.broyden_step`` vs ``impflow.ops.reference.broyden_step_reference``
     (the original ImpFlow/DEQ algorithm: einsums over the history for every product);
   * a 20-iteration solve of a cheap coupled contraction: ``broyden(impl="fused")`` vs
-    ``broyden(impl="reference")`` (the same solver loop, only the step differs);
+    ``broyden(impl="reference")`` (the same solver loop; the step and the per-sample
+    bookkeeping are the fused ops or their plain-PyTorch references);
 and reports the bytes one step must move (each history read once, the vectors read, the new
 pair and the step written), the achieved GB/s and the copy bandwidth measured in the same run.
+Fused and reference are timed in turns, in blocks of about 50 ms: each is measured warm, as in
+a loop, and load drifting on a shared machine hits both alike, which keeps the ratio steady.
 
     python benchmarks/solver_speed.py                  # CPU, and CUDA when present
     python benchmarks/solver_speed.py --quick          # small sizes, a smoke run
@@ -23,7 +26,7 @@ import torch
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 
 import impflow  # noqa: E402
-from _timing import copy_bandwidth, machine_facts, median_seconds, write_json  # noqa: E402
+from _timing import copy_bandwidth, interleaved_medians, machine_facts, write_json  # noqa: E402
 from impflow.ops import broyden_step  # noqa: E402
 from impflow.ops.reference import broyden_step_reference  # noqa: E402
 from impflow.solvers import broyden  # noqa: E402
@@ -32,6 +35,9 @@ from impflow.solvers.broyden import broyden_history  # noqa: E402
 SIZES = [(5000, 2, 30), (1000, 64, 30), (256, 3072, 30)]
 QUICK_SIZES = [(500, 2, 30), (100, 64, 30), (16, 3072, 30)]
 SOLVE_ITERATIONS = 20
+# Fused and reference take turns in blocks of this many seconds, each measured warm (as in a
+# loop of solves) while drifting load on a shared machine hits both alike.
+BLOCKS = {"block_seconds": 0.05}
 
 
 def step_state(B, d, m, dtype, device, impl, seed=0):
@@ -68,11 +74,14 @@ def bench_config(B, d, m, device, dtype, min_seconds):
     itemsize = torch.finfo(dtype).bits // 8
     row = {"B": B, "d": d, "m": m, "device": str(device), "dtype": str(dtype).replace("torch.", "")}
     slot = m // 2
+    steps = {}
     for name, op in (("fused", broyden_step), ("reference", broyden_step_reference)):
         state = step_state(B, d, m, dtype, device, name)
-        seconds, n = median_seconds(lambda: op(*state, slot, m), device, min_seconds=min_seconds)
-        row[f"step_{name}_ms"] = seconds * 1e3
-        row[f"step_{name}_repeats"] = n
+        steps[name] = lambda op=op, state=state: op(*state, slot, m)
+    seconds, n = interleaved_medians(list(steps.values()), device, min_seconds, **BLOCKS)
+    for name, sec in zip(steps, seconds):
+        row[f"step_{name}_ms"] = sec * 1e3
+    row["step_repeats"] = n
     row["step_bytes"] = step_bytes(B, d, m, itemsize)
     row["step_fused_GBps"] = row["step_bytes"] / (row["step_fused_ms"] / 1e3) / 1e9
     row["step_reference_GBps"] = row["step_bytes"] / (row["step_reference_ms"] / 1e3) / 1e9
@@ -80,16 +89,19 @@ def bench_config(B, d, m, device, dtype, min_seconds):
 
     fn = coupled_contraction(B, d, dtype, device)
     z0 = torch.zeros(B, d, dtype=dtype, device=device)
-    for name in ("fused", "reference"):
-
-        def solve():
-            return broyden(
-                fn, z0, max_iter=SOLVE_ITERATIONS, tol=1e-6, history=m, impl=name, warn=False
-            )
-
-        seconds, n = median_seconds(solve, device, min_seconds=min_seconds, min_repeats=3)
+    solves = {
+        name: lambda name=name: broyden(
+            fn, z0, max_iter=SOLVE_ITERATIONS, tol=1e-6, history=m, impl=name, warn=False
+        )
+        for name in ("fused", "reference")
+    }
+    seconds, n = interleaved_medians(
+        list(solves.values()), device, min_seconds, min_repeats=3, **BLOCKS
+    )
+    row["solve_repeats"] = n
+    for (name, solve), sec in zip(solves.items(), seconds):
         _, stats = solve()
-        row[f"solve_{name}_ms"] = seconds * 1e3
+        row[f"solve_{name}_ms"] = sec * 1e3
         row[f"solve_{name}_mean_steps"] = float(stats.nstep.float().mean())
         row[f"solve_{name}_max_residual"] = float(stats.residual.max())
     row["solve_speedup"] = row["solve_reference_ms"] / row["solve_fused_ms"]

