@@ -33,7 +33,8 @@ _SOFTPLUS_THRESHOLD = 20.0  # torch's softplus is the identity above it
 def _sin(h):
     x = _TWO_PI * h  # the product Sin's forward takes the sine of: the same bits
     s = torch.sin(x)
-    return s / _TWO_PI, torch.cos(x), s * -_TWO_PI
+    d2 = s * -_TWO_PI
+    return s.div_(_TWO_PI), torch.cos(x), d2  # in place: nothing saved s for backward
 
 
 def _tanh(h):

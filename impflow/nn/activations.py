@@ -51,7 +51,9 @@ class Sin(nn.Module):
     smooth = True
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return torch.sin(_TWO_PI * x) / _TWO_PI
+        # The scaling in place on the sine's fresh output (autograd keeps only the sine's
+        # input): the same bits as `/`, one temporary less.
+        return torch.sin(_TWO_PI * x).div_(_TWO_PI)
 
 
 class LipSwish(nn.Module):
@@ -93,7 +95,7 @@ class LipSwish(nn.Module):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         # Cast β to the input's dtype: the result then keeps x's dtype in every case.
         beta = self.beta.to(x.dtype)
-        return x * torch.sigmoid(beta * x) / 1.1
+        return (x * torch.sigmoid(beta * x)).div_(1.1)  # in place on a fresh product, as Sin
 
     def extra_repr(self) -> str:
         return f"beta={self.beta.item():.4g}"
