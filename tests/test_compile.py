@@ -10,6 +10,8 @@ import torch
 from impflow.ops import broyden_step, mlp_vjp_series, power_iteration, solver_track
 from impflow.ops.track import ACTIVE
 
+from testing import DEVICES
+
 F64 = torch.float64
 
 
@@ -24,22 +26,30 @@ def compiled(fn, backend):
     return torch.compile(fn, fullgraph=True, backend=backend)
 
 
-def broyden_state(B=7, m=5, d=3, seed=0):
+def broyden_state(device, B=7, m=5, d=3, seed=0):
     gen = torch.Generator().manual_seed(seed)
     U, V = (torch.randn(B, m, d, generator=gen, dtype=F64) * 0.3 for _ in "UV")
     dz, F = (torch.randn(B, d, generator=gen, dtype=F64) for _ in "zF")
     dF = -dz + 0.3 * torch.randn(B, d, generator=gen, dtype=F64)
     active = torch.rand(B, generator=gen) > 0.3
-    return U, V, dz, dF, F, active
+    return [t.to(device) for t in (U, V, dz, dF, F, active)]
 
 
-@pytest.mark.parametrize("backend", ["aot_eager", "inductor"])
-def test_broyden_step_compiles_with_its_history_writes(backend):
+# Inductor generates C++ on the CPU; on CUDA it would need Triton, which is not a dependency.
+@pytest.mark.parametrize(
+    "device, backend",
+    [
+        ("cpu", "aot_eager"),
+        ("cpu", "inductor"),
+        pytest.param("cuda", "aot_eager", marks=DEVICES[1].marks),
+    ],
+)
+def test_broyden_step_compiles_with_its_history_writes(device, backend):
     def iterate(U, V, dz, dF, F, active):
         step = broyden_step(U, V, dz, dF, F, active, 2, 5)
         return step * 2.0  # an op around it, so the graph is more than the call
 
-    state = broyden_state()
+    state = broyden_state(device)
     eager = [t.clone() for t in state]
     graph = [t.clone() for t in state]
     expected = iterate(*eager)
@@ -50,7 +60,8 @@ def test_broyden_step_compiles_with_its_history_writes(backend):
     assert not torch.equal(graph[0], state[0])  # the slot was written
 
 
-def test_solver_track_compiles_with_its_state_updates():
+@pytest.mark.parametrize("device", DEVICES)
+def test_solver_track_compiles_with_its_state_updates(device):
     gen = torch.Generator().manual_seed(1)
     B, n = 9, 4
     z, F = (torch.randn(B, n, generator=gen, dtype=F64) for _ in "zF")
@@ -60,7 +71,9 @@ def test_solver_track_compiles_with_its_state_updates():
     status = torch.full((B,), ACTIVE, dtype=torch.uint8)
     status[5] = 0
     nstep = torch.zeros(B, dtype=torch.long)
-    state = [best_z, best_F, best, status, nstep]
+    z, F = z.to(device), F.to(device)
+    state = [t.to(device) for t in (best_z, best_F, best, status, nstep)]
+    nstep = state[4]
 
     def track(z, F, *state):
         return solver_track(z, F, *state, 1.0, 1e-7, 1e3, False)
@@ -74,14 +87,16 @@ def test_solver_track_compiles_with_its_state_updates():
     assert int(nstep.sum()) == 0 and int(graph[4].sum()) == B - 1  # updated in place
 
 
-def test_power_iteration_compiles_with_its_vector_updates():
+@pytest.mark.parametrize("device", DEVICES)
+def test_power_iteration_compiles_with_its_vector_updates(device):
     gen = torch.Generator().manual_seed(2)
     weights = [
         torch.randn(5, 3, generator=gen, dtype=F64),
         torch.randn(4, 5, generator=gen, dtype=F64),
     ]
-    us = [torch.randn(w.shape[0], generator=gen, dtype=F64) for w in weights]
-    vs = [torch.randn(w.shape[1], generator=gen, dtype=F64) for w in weights]
+    us = [torch.randn(w.shape[0], generator=gen, dtype=F64).to(device) for w in weights]
+    vs = [torch.randn(w.shape[1], generator=gen, dtype=F64).to(device) for w in weights]
+    weights = [w.to(device) for w in weights]
 
     def iterate(weights, us, vs):
         return power_iteration(weights, us, vs, 3)
@@ -96,14 +111,19 @@ def test_power_iteration_compiles_with_its_vector_updates():
         assert not torch.equal(a, start)
 
 
-def test_mlp_vjp_series_compiles_forward_and_backward():
+@pytest.mark.parametrize("device", DEVICES)
+def test_mlp_vjp_series_compiles_forward_and_backward(device):
     gen = torch.Generator().manual_seed(3)
     B, d, h = 6, 3, 8
+
+    def leaf(t):
+        return t.to(device).requires_grad_()
+
     shapes = [(h, d), (h, h), (d, h)]
-    weights = [(0.4 * torch.randn(s, generator=gen, dtype=F64)).requires_grad_() for s in shapes]
-    derivs = [torch.rand(B, h, generator=gen, dtype=F64).requires_grad_() for _ in range(2)]
-    v = torch.randn(B, d, generator=gen, dtype=F64).requires_grad_()
-    coeffs = torch.tensor([1.0, -0.5, 1 / 3, -0.25], dtype=F64)
+    weights = [leaf(0.4 * torch.randn(s, generator=gen, dtype=F64)) for s in shapes]
+    derivs = [leaf(torch.rand(B, h, generator=gen, dtype=F64)) for _ in range(2)]
+    v = leaf(torch.randn(B, d, generator=gen, dtype=F64))
+    coeffs = torch.tensor([1.0, -0.5, 1 / 3, -0.25], dtype=F64, device=device)
 
     def loss(weights, derivs, v):
         products, traces, series = mlp_vjp_series(weights, derivs, v, coeffs, 4)
