@@ -4,8 +4,9 @@
 # Device time is scarce (15 minutes a session, 10 a command): each step is bounded by
 # STEP_TIMEOUT seconds, and the order puts what has never run before what CI already covers.
 # Usage: scripts/gpu_check.sh OUT_DIR
-#   (writes OUT_DIR/gpu_check.log, solver_speed.json, power_iteration.json, logdet.json,
-#   logdet_memory.json, exact_logdet.json, train_step.json, end_to_end.json)
+#   (writes OUT_DIR/gpu_check.log, solver_speed.json, solver_speed_split.json,
+#   power_iteration.json, logdet.json, logdet_memory.json, exact_logdet.json, train_step.json,
+#   end_to_end.json)
 #   PYTHON (default python3), IMPFLOW_CUDA_ARCHS (default: the GPU's own), MAX_JOBS (default 16),
 #   STEP_TIMEOUT (default 150), DEADLINE (seconds after the start; steps that would begin later
 #   are skipped and listed, so that the run ends inside its lease; default none),
@@ -49,6 +50,10 @@ pytest_opts=(-q -rfEs --tb=short -p no:xdist -p no:cacheprovider)
   step "CUDA tests" "$py" -m pytest tests "${pytest_opts[@]}" -m cuda
   gpu=(--device cuda)
   step "benchmark" "$py" benchmarks/solver_speed.py "${gpu[@]}" --out "$out/solver_speed.json"
+  # The opt-in split kernels of the Broyden step (csrc/cuda/broyden_step_split.cuh), side by
+  # side with the default run above: which one large d should use.
+  IMPFLOW_CUDA_STEP=split step "benchmark, split step kernels" "$py" benchmarks/solver_speed.py \
+    "${gpu[@]}" --out "$out/solver_speed_split.json"
   step "power iteration" "$py" benchmarks/power_iteration.py "${gpu[@]}" --out "$out/power_iteration.json"
   step "logdet" "$py" benchmarks/logdet.py "${gpu[@]}" --out "$out/logdet.json"
   step "train step" "$py" benchmarks/train_step.py "${gpu[@]}" --out "$out/train_step.json"

@@ -242,3 +242,42 @@ def test_compiler_vectorised_kernel_without_avx512():
     )
     assert result.returncode == 0, result.stderr
     assert result.stdout.strip() == "ok"
+
+
+# The split CUDA kernels (csrc/cuda/broyden_step_split.cuh), opt-in with IMPFLOW_CUDA_STEP=split:
+# samples cut into chunks of 512 elements, so d = 513, 1024, 1537 give a short last chunk, one
+# full chunk, and three chunks with a remainder.
+SPLIT_SHAPES = [(1, 1, 1), (7, 5, 3), (7, 30, 64), (7, 5, 513), (3, 30, 1024), (5, 30, 1537)]
+SPLIT_SHAPES += [(256, 30, 3072)]
+
+
+@pytest.mark.parametrize("device", DEVICES[1:])
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("layout", ["contiguous", "batch_minor"])
+@pytest.mark.parametrize("B,m,d", SPLIT_SHAPES)
+def test_split_cuda_kernel_matches_reference(B, m, d, layout, dtype, device, monkeypatch):
+    if B * m * d > 1_000_000 and (dtype == torch.float64 or layout == "batch_minor"):
+        pytest.skip("the largest shape runs once (float32, contiguous)")
+    monkeypatch.setenv("IMPFLOW_CUDA_STEP", "split")
+    for n_valid, slot in {(0, 0), (m - 1, m - 1), (m, m // 2)}:
+        state = make_state(
+            B, m, d, n_valid, dtype, device, seed=B + m + d, active_fraction=0.7, layout=layout
+        )
+        U0, V0, active = state[0].clone(), state[1].clone(), state[5]
+        same = reference_on_copies(*state, slot, n_valid, dtype)
+        out, ref = run_both(*state, slot, n_valid)
+        assert_close_to_reference(out, ref, same, f"(n_valid={n_valid}, slot={slot})")
+        step, U1, V1 = out
+        idle = ~active
+        assert torch.equal(step[idle], torch.zeros_like(step[idle]))
+        assert torch.equal(U1[idle], U0[idle]) and torch.equal(V1[idle], V0[idle])
+
+
+@pytest.mark.parametrize("device", DEVICES[1:])
+def test_split_cuda_kernel_opcheck_and_switch(device, monkeypatch):
+    state = make_state(6, 3, 700, 3, torch.float64, device, seed=11)
+    monkeypatch.setenv("IMPFLOW_CUDA_STEP", "split")
+    torch.library.opcheck(torch.ops.impflow.broyden_step.default, (*state, 1, 3))
+    monkeypatch.setenv("IMPFLOW_CUDA_STEP", "blocks")
+    with pytest.raises(RuntimeError, match="IMPFLOW_CUDA_STEP must be 'block' or 'split'"):
+        broyden_step(*state, 1, 3)

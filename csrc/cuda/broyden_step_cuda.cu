@@ -12,8 +12,11 @@
 #include <c10/cuda/CUDAGuard.h>
 #include <torch/library.h>
 
+#include "broyden_step_split.cuh"
 #include "reductions.cuh"
 
+#include <cstdlib>
+#include <cstring>
 #include <limits>
 
 #include "impflow/broyden_checks.h"
@@ -145,6 +148,17 @@ void launch(at::Tensor& U, at::Tensor& V, const at::Tensor& dz, const at::Tensor
   C10_CUDA_KERNEL_LAUNCH_CHECK();
 }
 
+// IMPFLOW_CUDA_STEP (read at every call, so tests can switch it): "split" runs the split
+// kernels of broyden_step_split.cuh, "block" or unset the one-block kernel above. The split
+// kernels stay opt-in until they have run and been measured on a GPU.
+bool use_split_kernel() {
+  const char* choice = std::getenv("IMPFLOW_CUDA_STEP");
+  if (choice == nullptr || choice[0] == '\0' || std::strcmp(choice, "block") == 0) return false;
+  TORCH_CHECK(std::strcmp(choice, "split") == 0,
+              "IMPFLOW_CUDA_STEP must be 'block' or 'split' (or unset), got '", choice, "'");
+  return true;
+}
+
 at::Tensor broyden_step_cuda(at::Tensor& U, at::Tensor& V, const at::Tensor& dz_in,
                              const at::Tensor& dF_in, const at::Tensor& F_in,
                              const at::Tensor& active_in, int64_t slot, int64_t n_valid) {
@@ -155,7 +169,12 @@ at::Tensor broyden_step_cuda(at::Tensor& U, at::Tensor& V, const at::Tensor& dz_
   auto step = at::empty_like(F);
   if (U.size(0) == 0 || U.size(2) == 0) return step.zero_();
   const int64_t d = U.size(2);
+  const bool split = use_split_kernel();
   AT_DISPATCH_FLOATING_TYPES(U.scalar_type(), "broyden_step_cuda", [&] {
+    if (split) {
+      split_step::launch<scalar_t>(U, V, dz, dF, F, active, step, int(n_valid), int(slot));
+      return;
+    }
     // Enough threads per sample to cover it, few enough to keep the lanes busy.
     if (d <= 64) {
       launch<scalar_t, 32>(U, V, dz, dF, F, active, step, int(n_valid), int(slot));
