@@ -12,6 +12,7 @@
 #include <c10/cuda/CUDAGuard.h>
 #include <torch/library.h>
 
+#include "broyden_step_device.cuh"
 #include "broyden_step_split.cuh"
 #include "reductions.cuh"
 
@@ -45,7 +46,6 @@ broyden_step_kernel(scalar_t* __restrict__ U, scalar_t* __restrict__ V,
   const int group = threadIdx.x / GROUP;
   const int rank = threadIdx.x % GROUP;  // thread index within the group
   const int warp_in_group = rank / kWarp;
-  const int lane = threadIdx.x % kWarp;
   const int64_t b = int64_t(blockIdx.x) * kGroupsPerBlock + group;
   // Every thread reaches the barriers below, also those without a sample to work on.
   const bool work = b < B && active[b];
@@ -53,41 +53,10 @@ broyden_step_kernel(scalar_t* __restrict__ U, scalar_t* __restrict__ V,
   const int n_dots = broyden_dots_size(n_valid);
   acc_t* partial = smem + int64_t(group) * kWarpsPerGroup * n_dots;  // [warp][dot]
 
-  const scalar_t* Ub = U + b * sB;
-  const scalar_t* Vb = V + b * sB;
-  const scalar_t* dzb = dz + b * d;
-  const scalar_t* dFb = dF + b * d;
-  const scalar_t* Fb = F + b * d;
-
+  const SampleView<scalar_t> sample{U + b * sB, V + b * sB, dz + b * d, dF + b * d,
+                                    F + b * d, step + b * d, sM, sD};
   if (work) {
-    for (int i = 0; i < n_valid; ++i) {
-      acc_t a = 0, bb = 0, c = 0;
-      for (int64_t j = rank; j < d; j += GROUP) {
-        const acc_t v = Vb[i * sM + j * sD];
-        a += acc_t(dzb[j]) * acc_t(Ub[i * sM + j * sD]);
-        bb += v * acc_t(dFb[j]);
-        c += v * acc_t(Fb[j]);
-      }
-      a = warp_sum(a);
-      bb = warp_sum(bb);
-      c = warp_sum(c);
-      if (lane == 0) {
-        partial[warp_in_group * n_dots + i] = a;
-        partial[warp_in_group * n_dots + n_valid + i] = bb;
-        partial[warp_in_group * n_dots + 2 * n_valid + i] = c;
-      }
-    }
-    acc_t dz_dF = 0, dz_F = 0;
-    for (int64_t j = rank; j < d; j += GROUP) {
-      dz_dF += acc_t(dzb[j]) * acc_t(dFb[j]);
-      dz_F += acc_t(dzb[j]) * acc_t(Fb[j]);
-    }
-    dz_dF = warp_sum(dz_dF);
-    dz_F = warp_sum(dz_F);
-    if (lane == 0) {
-      partial[warp_in_group * n_dots + 3 * n_valid] = dz_dF;
-      partial[warp_in_group * n_dots + 3 * n_valid + 1] = dz_F;
-    }
+    warp_partial_dots(sample, rank, d, GROUP, n_valid, partial + warp_in_group * n_dots);
   }
   __syncthreads();
   // Sum the warps' partials into row 0 (each index is owned by one thread: no race).
@@ -105,26 +74,7 @@ broyden_step_kernel(scalar_t* __restrict__ U, scalar_t* __restrict__ V,
     }
     return;  // no barrier follows
   }
-  const acc_t* dots = partial;
-  const auto k = broyden_coefficients<acc_t>(dots, n_valid);
-
-  scalar_t* u_slot = U + b * sB + int64_t(slot) * sM;
-  scalar_t* v_slot = V + b * sB + int64_t(slot) * sM;
-  for (int64_t j = rank; j < d; j += GROUP) {
-    acc_t sum_u_b = 0, sum_v_a = 0, sum_u_c = 0;
-    for (int i = 0; i < n_valid; ++i) {
-      const acc_t u = Ub[i * sM + j * sD];
-      sum_u_b += u * dots[n_valid + i];
-      sum_v_a += acc_t(Vb[i * sM + j * sD]) * dots[i];
-      if (i != slot) sum_u_c += u * dots[2 * n_valid + i];  // the overwritten slot drops out
-    }
-    acc_t u_new, v_new, s;
-    broyden_element<acc_t>(dzb[j], dFb[j], Fb[j], sum_u_b, sum_v_a, sum_u_c, k, &u_new, &v_new, &s);
-    // Element j of the slot row is read above by this thread only, so writing it is safe.
-    u_slot[j * sD] = scalar_t(u_new);
-    v_slot[j * sD] = scalar_t(v_new);
-    step[b * d + j] = scalar_t(s);
-  }
+  update_elements(sample, partial, rank, d, GROUP, n_valid, slot);
 }
 
 template <typename scalar_t, int GROUP>

@@ -9,7 +9,7 @@
 //   2. per chunk, the sums of its sample's parts (the same in every block of the sample), the
 //      coefficients, then the chunk's elements of the new pair and of the step.
 // The history is read twice, as in the one-block kernel, but by enough blocks to fill the
-// machine. The arithmetic is broyden_math.h's, as in every other kernel.
+// machine. Both passes are those of the one-block kernel (broyden_step_device.cuh).
 //
 // Not used unless IMPFLOW_CUDA_STEP=split: it has not run on a GPU yet.
 #pragma once
@@ -20,8 +20,8 @@
 
 #include <limits>
 
+#include "broyden_step_device.cuh"
 #include "impflow/broyden_math.h"
-#include "reductions.cuh"
 
 namespace impflow {
 namespace split_step {
@@ -42,11 +42,10 @@ __device__ __forceinline__ ChunkRange chunk_range(int64_t c, int64_t d) {
 
 template <typename scalar_t>
 __global__ void __launch_bounds__(kThreads)
-dots_kernel(const scalar_t* __restrict__ U, const scalar_t* __restrict__ V,
-            const scalar_t* __restrict__ dz, const scalar_t* __restrict__ dF,
-            const scalar_t* __restrict__ F, const bool* __restrict__ active,
-            at::opmath_type<scalar_t>* __restrict__ partial, int64_t d, int chunks, int n_valid,
-            int64_t sB, int64_t sM, int64_t sD) {
+dots_kernel(scalar_t* __restrict__ U, scalar_t* __restrict__ V, const scalar_t* __restrict__ dz,
+            const scalar_t* __restrict__ dF, const scalar_t* __restrict__ F,
+            const bool* __restrict__ active, at::opmath_type<scalar_t>* __restrict__ partial,
+            int64_t d, int chunks, int n_valid, int64_t sB, int64_t sM, int64_t sD) {
   using acc_t = at::opmath_type<scalar_t>;
   extern __shared__ unsigned char smem_raw[];
   acc_t* warp_dots = reinterpret_cast<acc_t*>(smem_raw);  // [warp][dot]
@@ -54,41 +53,12 @@ dots_kernel(const scalar_t* __restrict__ U, const scalar_t* __restrict__ V,
   const int c = blockIdx.y;
   if (!active[b]) return;  // the whole block: no barrier is skipped by part of it
   const int n_dots = broyden_dots_size(n_valid);
-  const int warp = threadIdx.x / kWarpSize, lane = threadIdx.x % kWarpSize;
   const ChunkRange r = chunk_range(c, d);
-  const scalar_t* Ub = U + b * sB;
-  const scalar_t* Vb = V + b * sB;
-  const scalar_t* dzb = dz + b * d;
-  const scalar_t* dFb = dF + b * d;
-  const scalar_t* Fb = F + b * d;
-  for (int i = 0; i < n_valid; ++i) {
-    acc_t a = 0, bb = 0, cc = 0;
-    for (int64_t j = r.j0 + threadIdx.x; j < r.j1; j += kThreads) {
-      const acc_t v = Vb[i * sM + j * sD];
-      a += acc_t(dzb[j]) * acc_t(Ub[i * sM + j * sD]);
-      bb += v * acc_t(dFb[j]);
-      cc += v * acc_t(Fb[j]);
-    }
-    a = warp_sum(a);
-    bb = warp_sum(bb);
-    cc = warp_sum(cc);
-    if (lane == 0) {
-      warp_dots[warp * n_dots + i] = a;
-      warp_dots[warp * n_dots + n_valid + i] = bb;
-      warp_dots[warp * n_dots + 2 * n_valid + i] = cc;
-    }
-  }
-  acc_t dz_dF = 0, dz_F = 0;
-  for (int64_t j = r.j0 + threadIdx.x; j < r.j1; j += kThreads) {
-    dz_dF += acc_t(dzb[j]) * acc_t(dFb[j]);
-    dz_F += acc_t(dzb[j]) * acc_t(Fb[j]);
-  }
-  dz_dF = warp_sum(dz_dF);
-  dz_F = warp_sum(dz_F);
-  if (lane == 0) {
-    warp_dots[warp * n_dots + 3 * n_valid] = dz_dF;
-    warp_dots[warp * n_dots + 3 * n_valid + 1] = dz_F;
-  }
+  const SampleView<scalar_t> sample{U + b * sB, V + b * sB, dz + b * d, dF + b * d,
+                                    F + b * d, nullptr, sM, sD};
+  const int warp = threadIdx.x / kWarpSize;
+  warp_partial_dots(sample, r.j0 + threadIdx.x, r.j1, kThreads, n_valid,
+                    warp_dots + warp * n_dots);
   __syncthreads();
   acc_t* out = partial + (b * chunks + c) * n_dots;
   for (int t = threadIdx.x; t < n_dots; t += kThreads) {
@@ -122,27 +92,10 @@ update_kernel(scalar_t* __restrict__ U, scalar_t* __restrict__ V,
     dots[t] = s;
   }
   __syncthreads();
-  const auto k = broyden_coefficients<acc_t>(dots, n_valid);
-  const scalar_t* Ub = U + b * sB;
-  const scalar_t* Vb = V + b * sB;
-  scalar_t* u_slot = U + b * sB + int64_t(slot) * sM;
-  scalar_t* v_slot = V + b * sB + int64_t(slot) * sM;
-  for (int64_t j = r.j0 + threadIdx.x; j < r.j1; j += kThreads) {
-    acc_t sum_u_b = 0, sum_v_a = 0, sum_u_c = 0;
-    for (int i = 0; i < n_valid; ++i) {
-      const acc_t u = Ub[i * sM + j * sD];
-      sum_u_b += u * dots[n_valid + i];
-      sum_v_a += acc_t(Vb[i * sM + j * sD]) * dots[i];
-      if (i != slot) sum_u_c += u * dots[2 * n_valid + i];  // the overwritten slot drops out
-    }
-    acc_t u_new, v_new, s;
-    broyden_element<acc_t>(dz[b * d + j], dF[b * d + j], F[b * d + j], sum_u_b, sum_v_a,
-                           sum_u_c, k, &u_new, &v_new, &s);
-    // Element j of the slot row was read above by this thread only (launch 1 has finished).
-    u_slot[j * sD] = scalar_t(u_new);
-    v_slot[j * sD] = scalar_t(v_new);
-    step[b * d + j] = scalar_t(s);
-  }
+  // Launch 1 has finished reading the slot row: its chunk is this block's alone now.
+  const SampleView<scalar_t> sample{U + b * sB, V + b * sB, dz + b * d, dF + b * d,
+                                    F + b * d, step + b * d, sM, sD};
+  update_elements(sample, dots, r.j0 + threadIdx.x, r.j1, kThreads, n_valid, slot);
 }
 
 // Both launches on the current stream. Tensors as in broyden_step_cuda (checked, contiguous
