@@ -1,6 +1,8 @@
 """Implicit gradients under DistributedDataParallel: two CPU processes (gloo), each with half the
 batch, give the parameter gradients of one process on the whole batch (DESIGN.md §1, §7: the
-gradients reach the parameters through ordinary autograd, where DDP's reducer sees them)."""
+gradients reach the parameters through ordinary autograd, where DDP's reducer sees them).
+The CUDA case runs the two processes on one GPU, with gloo (NCCL refuses two ranks on one
+device; a machine with one GPU cannot test NCCL)."""
 
 import gc
 import os
@@ -12,6 +14,7 @@ import torch.multiprocessing as mp
 
 import impflow
 import impflow.nn as inn
+from testing import DEVICES
 
 # One intra-op thread: on a shared 2-core machine more threads only wait on each other.
 pytestmark = pytest.mark.usefixtures("one_thread")
@@ -43,20 +46,21 @@ def _data():
 
 
 def _grads(model):
-    return {name: p.grad.detach().clone() for name, p in model.named_parameters()}
+    return {name: p.grad.detach().cpu().clone() for name, p in model.named_parameters()}
 
 
-def _worker(rank, world_size, init_file, state_path, out_dir):
+def _worker(rank, world_size, init_file, state_path, out_dir, device):
     torch.set_num_threads(1)
     dist.init_process_group(
         "gloo", init_method=f"file://{init_file}", rank=rank, world_size=world_size
     )
     ddp = loss = None
     try:
-        model = _model()
+        model = _model().to(device)
         model.load_state_dict(torch.load(state_path))
-        ddp = torch.nn.parallel.DistributedDataParallel(model)
-        x = _data().chunk(world_size)[rank]
+        device_ids = [torch.device(device).index or 0] if device != "cpu" else None
+        ddp = torch.nn.parallel.DistributedDataParallel(model, device_ids=device_ids)
+        x = _data().to(device).chunk(world_size)[rank]
         loss = -ddp(x).mean()  # Flow.forward is log_prob
         loss.backward()
         torch.save(_grads(model), os.path.join(out_dir, f"grads{rank}.pt"))
@@ -69,21 +73,22 @@ def _worker(rank, world_size, init_file, state_path, out_dir):
 
 
 @pytest.mark.skipif(not dist.is_available(), reason="torch.distributed is not available")
-def test_ddp_two_processes_match_one_process_on_the_whole_batch(tmp_path):
-    model = _model()
+@pytest.mark.parametrize("device", DEVICES)
+def test_ddp_two_processes_match_one_process_on_the_whole_batch(tmp_path, device):
+    model = _model().to(device)
     state_path = tmp_path / "state.pt"
     torch.save(model.state_dict(), state_path)
 
     # One process, whole batch (after saving the state: a training-mode forward runs power
     # iteration, which changes the buffers).
-    loss = -model(_data()).mean()
+    loss = -model(_data().to(device)).mean()
     loss.backward()
     reference = _grads(model)
 
     world_size = 2
     mp.spawn(
         _worker,
-        args=(world_size, str(tmp_path / "init"), str(state_path), str(tmp_path)),
+        args=(world_size, str(tmp_path / "init"), str(state_path), str(tmp_path), device),
         nprocs=world_size,
         join=True,
     )
