@@ -53,10 +53,15 @@ broyden_step_kernel(scalar_t* __restrict__ U, scalar_t* __restrict__ V,
   const int n_dots = broyden_dots_size(n_valid);
   acc_t* partial = smem + int64_t(group) * kWarpsPerGroup * n_dots;  // [warp][dot]
 
-  const SampleView<scalar_t> sample{U + b * sB, V + b * sB, dz + b * d, dF + b * d,
-                                    F + b * d, step + b * d, sM, sD};
+  // This sample's rows and vectors (computed for every thread, used only where `work`).
+  scalar_t* Ub = U + b * sB;
+  scalar_t* Vb = V + b * sB;
+  const scalar_t* dzb = dz + b * d;
+  const scalar_t* dFb = dF + b * d;
+  const scalar_t* Fb = F + b * d;
   if (work) {
-    warp_partial_dots(sample, rank, d, GROUP, n_valid, partial + warp_in_group * n_dots);
+    warp_partial_dots(Ub, Vb, dzb, dFb, Fb, sM, sD, rank, d, GROUP, n_valid,
+                      partial + warp_in_group * n_dots);
   }
   __syncthreads();
   // Sum the warps' partials into row 0 (each index is owned by one thread: no race).
@@ -74,7 +79,8 @@ broyden_step_kernel(scalar_t* __restrict__ U, scalar_t* __restrict__ V,
     }
     return;  // no barrier follows
   }
-  update_elements(sample, partial, rank, d, GROUP, n_valid, slot);
+  update_elements(Ub, Vb, dzb, dFb, Fb, step + b * d, sM, sD, partial, rank, d, GROUP, n_valid,
+                  slot);
 }
 
 template <typename scalar_t, int GROUP>

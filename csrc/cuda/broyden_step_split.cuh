@@ -54,11 +54,9 @@ dots_kernel(scalar_t* __restrict__ U, scalar_t* __restrict__ V, const scalar_t* 
   if (!active[b]) return;  // the whole block: no barrier is skipped by part of it
   const int n_dots = broyden_dots_size(n_valid);
   const ChunkRange r = chunk_range(c, d);
-  const SampleView<scalar_t> sample{U + b * sB, V + b * sB, dz + b * d, dF + b * d,
-                                    F + b * d, nullptr, sM, sD};
   const int warp = threadIdx.x / kWarpSize;
-  warp_partial_dots(sample, r.j0 + threadIdx.x, r.j1, kThreads, n_valid,
-                    warp_dots + warp * n_dots);
+  warp_partial_dots(U + b * sB, V + b * sB, dz + b * d, dF + b * d, F + b * d, sM, sD,
+                    r.j0 + threadIdx.x, r.j1, kThreads, n_valid, warp_dots + warp * n_dots);
   __syncthreads();
   acc_t* out = partial + (b * chunks + c) * n_dots;
   for (int t = threadIdx.x; t < n_dots; t += kThreads) {
@@ -93,9 +91,8 @@ update_kernel(scalar_t* __restrict__ U, scalar_t* __restrict__ V,
   }
   __syncthreads();
   // Launch 1 has finished reading the slot row: its chunk is this block's alone now.
-  const SampleView<scalar_t> sample{U + b * sB, V + b * sB, dz + b * d, dF + b * d,
-                                    F + b * d, step + b * d, sM, sD};
-  update_elements(sample, dots, r.j0 + threadIdx.x, r.j1, kThreads, n_valid, slot);
+  update_elements(U + b * sB, V + b * sB, dz + b * d, dF + b * d, F + b * d, step + b * d, sM,
+                  sD, dots, r.j0 + threadIdx.x, r.j1, kThreads, n_valid, slot);
 }
 
 // Both launches on the current stream. Tensors as in broyden_step_cuda (checked, contiguous
