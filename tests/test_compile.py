@@ -10,6 +10,7 @@ import torch
 from impflow.ops import broyden_step, mlp_vjp_series, power_iteration, solver_track
 from impflow.ops.track import ACTIVE
 
+from test_broyden_step import make_state
 from testing import DEVICES
 
 F64 = torch.float64
@@ -26,15 +27,6 @@ def compiled(fn, backend):
     return torch.compile(fn, fullgraph=True, backend=backend)
 
 
-def broyden_state(device, B=7, m=5, d=3, seed=0):
-    gen = torch.Generator().manual_seed(seed)
-    U, V = (torch.randn(B, m, d, generator=gen, dtype=F64) * 0.3 for _ in "UV")
-    dz, F = (torch.randn(B, d, generator=gen, dtype=F64) for _ in "zF")
-    dF = -dz + 0.3 * torch.randn(B, d, generator=gen, dtype=F64)
-    active = torch.rand(B, generator=gen) > 0.3
-    return [t.to(device) for t in (U, V, dz, dF, F, active)]
-
-
 # Inductor generates C++ on the CPU; on CUDA it would need Triton, which is not a dependency.
 @pytest.mark.parametrize(
     "device, backend",
@@ -49,7 +41,7 @@ def test_broyden_step_compiles_with_its_history_writes(device, backend):
         step = broyden_step(U, V, dz, dF, F, active, 2, 5)
         return step * 2.0  # an op around it, so the graph is more than the call
 
-    state = broyden_state(device)
+    state = make_state(7, 5, 3, 5, F64, device, seed=0, active_fraction=0.7)
     eager = [t.clone() for t in state]
     graph = [t.clone() for t in state]
     expected = iterate(*eager)
