@@ -2,7 +2,7 @@
 //
 // The one-block kernel (broyden_step_cuda.cu) gives each sample one block: at B = 256,
 // d = 3072 that is 256 blocks on 132 SMs, too few to keep the memory busy (21% of the copy
-// bandwidth on an H200). Here each sample is cut into chunks of kSplitChunk elements, one
+// bandwidth on an H200). Here each sample is cut into chunks of kChunk elements, one
 // block per (sample, chunk), in two launches:
 //   1. per chunk, its part of every dot of the sample (a_i, b_i, c_i, dz.dF, dz.F), written
 //      to a (B, chunks, n_dots) buffer;
