@@ -92,11 +92,12 @@ def test_matches_reference(B, m, d, dtype, device):
 @pytest.mark.parametrize("device", DEVICES)
 @pytest.mark.parametrize("dtype", DTYPES)
 @pytest.mark.parametrize(
-    "B,m,d", [(B, m, d) for B in (1, 7, 256) for d in (1, 2, 3, 4, 64) for m in (1, 5, 30)]
+    "B,m,d", [(B, m, d) for B in (1, 7, 37, 256) for d in (1, 2, 3, 4, 64) for m in (1, 5, 30)]
 )
 def test_batch_minor_layout_matches_reference(B, m, d, dtype, device):
     """Histories stored as (m, d, B) (the solver's layout for small d on CPU; d <= 4 runs the
-    AVX-512 kernel where the CPU has it: B = 7 and 256 give partial and full vector blocks)."""
+    AVX-512 kernel where the CPU has it: B = 7 gives a partial vector block, 256 full ones,
+    37 full ones and then a partial one)."""
     for n_valid, slot in {(0, 0), (m - 1, m - 1), (m, m // 2)}:
         state = make_state(
             B,
@@ -113,6 +114,26 @@ def test_batch_minor_layout_matches_reference(B, m, d, dtype, device):
         out, ref = run_both(*state, slot, n_valid)
         assert_close_to_reference(out, ref, same, f"(n_valid={n_valid}, slot={slot})")
         assert out[1].stride() == state[0].stride()  # updated in place, layout kept
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("d", [1, 2, 3, 4])
+def test_batch_minor_threads_split_anywhere(d, dtype):
+    """Two CPU threads split the batch at a sample that is not a multiple of the kernel's
+    vector width (16 or 8 samples): each thread's blocks start mid-vector in the flat
+    (B, d) vectors and the mask."""
+    B, m = 3001, 5
+    threads = torch.get_num_threads()
+    torch.set_num_threads(2)
+    try:
+        state = make_state(
+            B, m, d, m, dtype, "cpu", seed=d, layout="batch_minor", active_fraction=0.7
+        )
+        same = reference_on_copies(*state, 1, m, dtype)
+        out, ref = run_both(*state, 1, m)
+    finally:
+        torch.set_num_threads(threads)
+    assert_close_to_reference(out, ref, same, f"(d={d})")
 
 
 @pytest.mark.parametrize("device", DEVICES)

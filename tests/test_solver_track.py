@@ -50,9 +50,28 @@ def run(op, state, relative):
 @pytest.mark.parametrize("device", DEVICES)
 @pytest.mark.parametrize("dtype", DTYPES)
 @pytest.mark.parametrize("relative", [False, True])
-@pytest.mark.parametrize("B,n", [(1, 1), (1, 5), (7, 1), (7, 2), (33, 3), (256, 64), (9, 3072)])
+@pytest.mark.parametrize(
+    "B,n",
+    # 600 and 1000: several blocks of the CPU kernel (256 samples) and a partial last one.
+    [(1, 1), (1, 5), (7, 1), (7, 2), (33, 3), (1000, 2), (600, 8), (256, 64), (9, 3072)],
+)
 def test_matches_reference(B, n, relative, dtype, device):
     state = make_state(B, n, dtype, device, seed=B * 31 + n)
+    assert_matches_reference(state, relative)
+
+
+@pytest.mark.parametrize("n", [1, 2, 4, 9])
+def test_threads_split_anywhere(n):
+    """Two CPU threads split the batch at a sample inside a block of the kernel."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(2)
+    try:
+        assert_matches_reference(make_state(3001, n, torch.float32, "cpu", seed=n), False)
+    finally:
+        torch.set_num_threads(threads)
+
+
+def assert_matches_reference(state, relative):
     out = run(solver_track, state, relative)
     ref = run(solver_track_reference, [t.cpu() for t in state], relative)
     names = ["counts", "mask", "best_z", "best_F", "best", "status", "nstep"]

@@ -4,6 +4,10 @@
 // history element once; the compiler-vectorised version moves its sums through memory at every
 // slot and runs the final per-sample loop on 4-wide vectors (perf). Same arithmetic as
 // broyden_math.h, written with masked operations instead of selects.
+// dz, dF, F and the step hold a block's samples side by side (sample l, element j at l*D + j):
+// they are read and written as D contiguous vectors, regrouped by two-source permutes. Gathers
+// and scatters did this before and took half the kernel's time on AMD Zen 4 (perf), where they
+// are microcoded.
 #pragma once
 
 #if defined(__GNUC__) && defined(__x86_64__) && defined(__linux__) && !defined(IMPFLOW_NO_MULTIVERSION)
@@ -25,23 +29,25 @@ struct Float16 {
   using scalar = float;
   using vec = __m512;
   using mask = __mmask16;
-  using index = __m512i;
+  using index = __m512i;  // permute indices, one 32-bit integer per lane
   static constexpr int kWidth = 16;
   static IMPFLOW_AVX512 vec zero() { return _mm512_setzero_ps(); }
   static IMPFLOW_AVX512 vec set1(float x) { return _mm512_set1_ps(x); }
   static IMPFLOW_AVX512 vec load(mask m, const float* p) { return _mm512_maskz_loadu_ps(m, p); }
   static IMPFLOW_AVX512 void store(float* p, mask m, vec v) { _mm512_mask_storeu_ps(p, m, v); }
-  static IMPFLOW_AVX512 index lanes_times(int d, int j) {
-    return _mm512_add_epi32(_mm512_mullo_epi32(_mm512_setr_epi32(0, 1, 2, 3, 4, 5, 6, 7, 8, 9,
-                                                                 10, 11, 12, 13, 14, 15),
-                                               _mm512_set1_epi32(d)),
-                            _mm512_set1_epi32(j));
+  static IMPFLOW_AVX512 index make_index(const int* lanes) {
+    return _mm512_setr_epi32(lanes[0], lanes[1], lanes[2], lanes[3], lanes[4], lanes[5],
+                             lanes[6], lanes[7], lanes[8], lanes[9], lanes[10], lanes[11],
+                             lanes[12], lanes[13], lanes[14], lanes[15]);
   }
-  static IMPFLOW_AVX512 vec gather(mask m, index i, const float* base) {
-    return _mm512_mask_i32gather_ps(_mm512_setzero_ps(), m, i, base, 4);
-  }
-  static IMPFLOW_AVX512 void scatter(float* base, mask m, index i, vec v) {
-    _mm512_mask_i32scatter_ps(base, m, i, v, 4);
+  // Lane l of the result: lane i[l] of the 32 lanes of a then b.
+  static IMPFLOW_AVX512 vec permute2(vec a, index i, vec b) { return _mm512_permutex2var_ps(a, i, b); }
+  static IMPFLOW_AVX512 vec blend(mask m, vec a, vec b) { return _mm512_mask_blend_ps(m, a, b); }
+  // Lanes whose byte of `flags` (kWidth bytes) is non-zero.
+  static IMPFLOW_AVX512 mask nonzero_bytes(const uint8_t* flags) {
+    const __m128i bytes = _mm_loadu_si128(reinterpret_cast<const __m128i*>(flags));
+    const __m512i wide = _mm512_maskz_cvtepu8_epi32(0xFFFF, bytes);  // maskz: no -Wmaybe-uninitialized
+    return _mm512_test_epi32_mask(wide, wide);
   }
   static IMPFLOW_AVX512 vec add(vec a, vec b) { return _mm512_add_ps(a, b); }
   static IMPFLOW_AVX512 vec sub(vec a, vec b) { return _mm512_sub_ps(a, b); }
@@ -60,22 +66,22 @@ struct Double8 {
   using scalar = double;
   using vec = __m512d;
   using mask = __mmask8;
-  using index = __m256i;
+  using index = __m512i;  // permute indices, one 64-bit integer per lane
   static constexpr int kWidth = 8;
   static IMPFLOW_AVX512 vec zero() { return _mm512_setzero_pd(); }
   static IMPFLOW_AVX512 vec set1(double x) { return _mm512_set1_pd(x); }
   static IMPFLOW_AVX512 vec load(mask m, const double* p) { return _mm512_maskz_loadu_pd(m, p); }
   static IMPFLOW_AVX512 void store(double* p, mask m, vec v) { _mm512_mask_storeu_pd(p, m, v); }
-  static IMPFLOW_AVX512 index lanes_times(int d, int j) {
-    return _mm256_add_epi32(_mm256_mullo_epi32(_mm256_setr_epi32(0, 1, 2, 3, 4, 5, 6, 7),
-                                               _mm256_set1_epi32(d)),
-                            _mm256_set1_epi32(j));
+  static IMPFLOW_AVX512 index make_index(const int* lanes) {
+    return _mm512_setr_epi64(lanes[0], lanes[1], lanes[2], lanes[3], lanes[4], lanes[5],
+                             lanes[6], lanes[7]);
   }
-  static IMPFLOW_AVX512 vec gather(mask m, index i, const double* base) {
-    return _mm512_mask_i32gather_pd(_mm512_setzero_pd(), m, i, base, 8);
-  }
-  static IMPFLOW_AVX512 void scatter(double* base, mask m, index i, vec v) {
-    _mm512_mask_i32scatter_pd(base, m, i, v, 8);
+  static IMPFLOW_AVX512 vec permute2(vec a, index i, vec b) { return _mm512_permutex2var_pd(a, i, b); }
+  static IMPFLOW_AVX512 vec blend(mask m, vec a, vec b) { return _mm512_mask_blend_pd(m, a, b); }
+  static IMPFLOW_AVX512 mask nonzero_bytes(const uint8_t* flags) {
+    const __m128i bytes = _mm_loadl_epi64(reinterpret_cast<const __m128i*>(flags));
+    const __m512i wide = _mm512_maskz_cvtepu8_epi64(0xFF, bytes);
+    return _mm512_test_epi64_mask(wide, wide);
   }
   static IMPFLOW_AVX512 vec add(vec a, vec b) { return _mm512_add_pd(a, b); }
   static IMPFLOW_AVX512 vec sub(vec a, vec b) { return _mm512_sub_pd(a, b); }
@@ -89,6 +95,84 @@ struct Double8 {
   static IMPFLOW_AVX512 mask le(vec a, vec b) { return _mm512_cmp_pd_mask(a, b, _CMP_LE_OQ); }
   static IMPFLOW_AVX512 mask gt(vec a, vec b) { return _mm512_cmp_pd_mask(a, b, _CMP_GT_OQ); }
 };
+
+// The first n lanes (none for n <= 0, all for n >= kWidth).
+template <typename S>
+IMPFLOW_AVX512 typename S::mask first_lanes(int n) {
+  using mask = typename S::mask;
+  return n <= 0 ? mask(0) : n >= S::kWidth ? mask(~0u) : mask((1u << n) - 1);
+}
+
+// Permutes between a block's samples side by side (element j of sample l at flat position
+// s = l * D + j, held in D vectors) and one vector per element index j (lane l: sample l).
+// A permute reads two vectors; for D > 2 a second one reads the other two, and a blend takes
+// its lanes.
+template <typename S, int D>
+struct Regroup {
+  typename S::index split[D];    // element j of lane l: lane s % 2W of the pair s / 2W
+  typename S::mask split_hi[D];  // lanes that come from the second pair
+  typename S::index join[D];     // vector k, lane t: flat position s = k W + t, from element
+                                 // s % D of lane s / D
+  typename S::mask join_hi[D];   // lanes that come from elements 2 and 3
+};
+
+template <typename S, int D>
+IMPFLOW_AVX512 Regroup<S, D> make_regroup() {
+  constexpr int W = S::kWidth;
+  Regroup<S, D> r;
+  for (int j = 0; j < D; ++j) {
+    int split[W], join[W];
+    uint32_t split_hi = 0, join_hi = 0;
+    for (int l = 0; l < W; ++l) {
+      const int s = l * D + j;
+      split[l] = s % (2 * W);
+      split_hi |= uint32_t(s >= 2 * W) << l;
+      const int sample = (j * W + l) / D, element = (j * W + l) % D;
+      join[l] = (element % 2) * W + sample;
+      join_hi |= uint32_t(element >= 2) << l;
+    }
+    r.split[j] = S::make_index(split);
+    r.join[j] = S::make_index(join);
+    r.split_hi[j] = typename S::mask(split_hi);
+    r.join_hi[j] = typename S::mask(join_hi);
+  }
+  return r;
+}
+
+// out[j] = element j of the samples whose `count` = samples * D elements start at p; lanes
+// past them are zero.
+template <typename S, int D>
+IMPFLOW_AVX512 void load_split(const typename S::scalar* p, int count, const Regroup<S, D>& r,
+                               typename S::vec* out) {
+  constexpr int W = S::kWidth;
+  typename S::vec v[D];
+  for (int k = 0; k < D; ++k) v[k] = S::load(first_lanes<S>(count - k * W), p + k * W);
+  if constexpr (D == 1) {
+    out[0] = v[0];
+  } else {
+    for (int j = 0; j < D; ++j) {
+      out[j] = S::permute2(v[0], r.split[j], v[1]);
+      if constexpr (D > 2) {
+        out[j] = S::blend(r.split_hi[j], out[j], S::permute2(v[2], r.split[j], v[D - 1]));
+      }
+    }
+  }
+}
+
+// The inverse of load_split: writes the first `count` elements.
+template <typename S, int D>
+IMPFLOW_AVX512 void store_joined(typename S::scalar* p, int count, const Regroup<S, D>& r,
+                                 const typename S::vec* in) {
+  constexpr int W = S::kWidth;
+  for (int k = 0; k < D; ++k) {
+    typename S::vec v = in[0];
+    if constexpr (D > 1) v = S::permute2(in[0], r.join[k], in[1]);
+    if constexpr (D > 2) {
+      v = S::blend(r.join_hi[k], v, S::permute2(in[2], r.join[k], in[D - 1]));
+    }
+    S::store(p + k * W, first_lanes<S>(count - k * W), v);
+  }
+}
 
 // Samples [begin, end) of a batch-minor problem (histories U[i][j][b]) with D elements each:
 // the new pair at `slot` and step = -H F for the active samples, zero step for the others.
@@ -106,8 +190,7 @@ __attribute__((target("avx512f"))) void step_samples(typename S::scalar* U, type
   using mask = typename S::mask;
   constexpr int W = S::kWidth;
   const uint8_t* on_bytes = reinterpret_cast<const uint8_t*>(active);
-  typename S::index idx[D];
-  for (int j = 0; j < D; ++j) idx[j] = S::lanes_times(D, j);
+  const Regroup<S, D> regroup = make_regroup<S, D>();
   const vec largest = S::set1(LargestFinite<T>::value);
   const vec smallest = S::set1(SmallestNormal<T>::value);
   const vec one = S::set1(T(1));
@@ -115,13 +198,17 @@ __attribute__((target("avx512f"))) void step_samples(typename S::scalar* U, type
     const int len = int(end - b0 < W ? end - b0 : W);
     const mask m = mask((uint32_t(1) << len) - 1);  // len <= 16
     mask on = 0;
-    for (int l = 0; l < len; ++l) on |= mask(on_bytes[b0 + l] != 0) << l;
-    vec x[D], g[D], f[D], ub[D], va[D], uc[D];
+    if (len == W) {
+      on = S::nonzero_bytes(on_bytes + b0);
+    } else {  // the last block: no read past the mask's end
+      for (int l = 0; l < len; ++l) on |= mask(on_bytes[b0 + l] != 0) << l;
+    }
+    vec x[D], g[D], f[D], ub[D], va[D], uc[D], st[D];
     vec dz_dF = S::zero(), dz_F = S::zero(), sum_ab = S::zero(), sum_ac = S::zero();
+    load_split<S, D>(dz + b0 * D, len * D, regroup, x);
+    load_split<S, D>(dF + b0 * D, len * D, regroup, g);
+    load_split<S, D>(F + b0 * D, len * D, regroup, f);
     for (int j = 0; j < D; ++j) {
-      x[j] = S::gather(m, idx[j], dz + b0 * D);
-      g[j] = S::gather(m, idx[j], dF + b0 * D);
-      f[j] = S::gather(m, idx[j], F + b0 * D);
       dz_dF = S::fmadd(x[j], g[j], dz_dF);
       dz_F = S::fmadd(x[j], f[j], dz_F);
       ub[j] = va[j] = uc[j] = S::zero();
@@ -159,11 +246,11 @@ __attribute__((target("avx512f"))) void step_samples(typename S::scalar* U, type
     for (int j = 0; j < D; ++j) {  // broyden_element_scalars
       const vec u_new = S::maskz_mul(valid, S::sub(S::add(x[j], g[j]), ub[j]), inv_denom);
       const vec v_new = S::maskz_sub(valid, va[j], x[j]);
-      const vec st = S::sub(S::sub(f[j], uc[j]), S::mul(u_new, vF));
+      st[j] = S::maskz_mov(on, S::sub(S::sub(f[j], uc[j]), S::mul(u_new, vF)));  // 0 if off
       S::store(Us + int64_t(j) * B, on & m, u_new);  // inactive samples: history untouched
       S::store(Vs + int64_t(j) * B, on & m, v_new);
-      S::scatter(step + b0 * D, m, idx[j], S::maskz_mov(on, st));  // and no step
     }
+    store_joined<S, D>(step + b0 * D, len * D, regroup, st);
   }
 }
 

@@ -25,7 +25,7 @@ constexpr int64_t kBlock = 256;  // samples whose norms and decisions are vector
 template <typename scalar_t, int N>
 IMPFLOW_INLINE void copy_better(const scalar_t* __restrict__ z, const scalar_t* __restrict__ F,
                                 scalar_t* __restrict__ best_z, scalar_t* __restrict__ best_F,
-                                const uint8_t* __restrict__ better, int64_t b0, int64_t len) {
+                                const int64_t* __restrict__ better, int64_t b0, int64_t len) {
   int32_t take[N * kBlock];  // an integer flag per element: a bool keeps the loop scalar
 #pragma omp simd
   for (int64_t l = 0; l < len; ++l) {
@@ -76,7 +76,10 @@ IMPFLOW_INLINE std::pair<int64_t, int64_t> track_samples(const scalar_t* __restr
   // hoisting the settings out of the decision loop and from vectorising it.
   const TrackSettings s = settings;
   double F_sq[kBlock], z_sq[kBlock];
-  uint8_t better[kBlock];  // bytes, not bool: bool stores do not vectorise
+  // The decision loop touches 64-bit values only: a byte array in it (the status, the flags)
+  // makes GCC vectorise over 32 lanes at once, which spills (perf), so the status bytes are
+  // widened before it and narrowed after it.
+  int64_t state[kBlock], better[kBlock];
   int64_t active = 0, blowup = 0;
   for (int64_t b0 = begin; b0 < end; b0 += kBlock) {
     const int64_t len = std::min(kBlock, end - b0);
@@ -105,29 +108,34 @@ IMPFLOW_INLINE std::pair<int64_t, int64_t> track_samples(const scalar_t* __restr
     double* __restrict__ best_residual = best + kBestResidual * B + b0;
     double* __restrict__ best_norm = best + kBestNorm * B + b0;
     const double* __restrict__ initial = best + kInitialResidual * B + b0;
+#pragma omp simd
+    for (int64_t l = 0; l < len; ++l) state[l] = status[b0 + l];
     // No reduction in this loop: GCC's `omp simd` reduction arrays defeat its dependence
     // analysis here and leave the loop scalar; the counts come from a loop of their own.
 #pragma omp simd
     for (int64_t l = 0; l < len; ++l) {
-      const int64_t old = status[b0 + l];
+      const int64_t old = state[l];
       const int64_t on = old & kActive;  // 0 or 1
       const TrackDecision d =
           track_decide_mode<Relative>(F_sq[l], z_sq[l], best_measure[l], initial[l], old, s);
       const int64_t improve = on & d.better;
-      better[l] = uint8_t(improve);
+      better[l] = improve;
       best_measure[l] = improve ? d.measure : best_measure[l];
       best_residual[l] = improve ? d.residual : best_residual[l];
       best_norm[l] = improve ? d.z_norm : best_norm[l];
-      const int64_t st = on ? d.status : (old & ~int64_t(kBlowup));
-      status[b0 + l] = uint8_t(st);
+      state[l] = on ? d.status : (old & ~int64_t(kBlowup));
       nstep[b0 + l] += on;
-      reinterpret_cast<uint8_t*>(mask)[b0 + l] =
-          uint8_t((st & (kActive | kFallback)) == kActive ? 1 : 0);
     }
 #pragma omp simd reduction(+ : block_active, block_blowup)
     for (int64_t l = 0; l < len; ++l) {
-      block_active += (status[b0 + l] & kActive) != 0;
-      block_blowup += (status[b0 + l] & kBlowup) != 0;
+      block_active += state[l] & kActive;
+      block_blowup += (state[l] & kBlowup) / kBlowup;  // 0 or 1, without a bool
+    }
+#pragma omp simd
+    for (int64_t l = 0; l < len; ++l) {
+      const int64_t st = state[l];
+      status[b0 + l] = uint8_t(st);
+      reinterpret_cast<uint8_t*>(mask)[b0 + l] = uint8_t((st & (kActive | kFallback)) == kActive);
     }
     active += block_active;
     blowup += block_blowup;
