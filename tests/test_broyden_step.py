@@ -120,20 +120,23 @@ def test_batch_minor_layout_matches_reference(B, m, d, dtype, device):
 @pytest.mark.parametrize("d", [1, 2, 3, 4])
 def test_batch_minor_threads_split_anywhere(d, dtype):
     """Two CPU threads split the batch at a sample that is not a multiple of the kernel's
-    vector width (16 or 8 samples): each thread's blocks start mid-vector in the flat
-    (B, d) vectors and the mask."""
-    B, m = 3001, 5
+    vector width (16 or 8 samples), so each thread's blocks start mid-vector in the flat
+    (B, d) vectors and the mask. Samples are independent: the bits must equal one thread's."""
+    B, m = 9001, 30  # a full history: work enough for two threads (B / 2 = 4500.5)
+    state = make_state(B, m, d, m, dtype, "cpu", seed=d, layout="batch_minor", active_fraction=0.7)
+    results = []
     threads = torch.get_num_threads()
-    torch.set_num_threads(2)
     try:
-        state = make_state(
-            B, m, d, m, dtype, "cpu", seed=d, layout="batch_minor", active_fraction=0.7
-        )
-        same = reference_on_copies(*state, 1, m, dtype)
-        out, ref = run_both(*state, 1, m)
+        for n_threads in (1, 2):
+            torch.set_num_threads(n_threads)
+            U, V = state[0].clone(), state[1].clone()
+            assert U.stride() == state[0].stride()  # clone keeps the batch-minor layout
+            step = broyden_step(U, V, *state[2:], 1, m)
+            results.append((step, U, V))
     finally:
         torch.set_num_threads(threads)
-    assert_close_to_reference(out, ref, same, f"(d={d})")
+    for name, one, two in zip(("step", "U", "V"), *results):
+        assert torch.equal(one, two), f"{name} differs between one and two threads"
 
 
 @pytest.mark.parametrize("device", DEVICES)

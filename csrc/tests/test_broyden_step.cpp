@@ -5,8 +5,10 @@
 // update with plain loops, so a shared algebra slip in the fused kernel cannot hide here.
 // The last line printed is "N passed, N failed"; the exit status is non-zero on any failure.
 #include <ATen/ATen.h>
+#include <ATen/Parallel.h>
 #include <c10/util/Exception.h>
 
+#include <algorithm>
 #include <cmath>
 #include <cstdio>
 #include <functional>
@@ -92,13 +94,15 @@ struct Case {
   int64_t B, m, d, n_valid, slot;
   std::string mask;  // "all", "none" or "alternate"
   bool zero_dz;      // dz = 0: the denominator vanishes and the update is dropped
+  bool batch_minor = false;  // U, V stored as (m, d, B): the solver's CPU layout for d <= 4
 };
 
 std::string name_of(const Case& c, at::ScalarType dtype) {
   char buf[160];
-  std::snprintf(buf, sizeof buf, "%s B=%ld m=%ld d=%ld n_valid=%ld slot=%ld mask=%s%s",
+  std::snprintf(buf, sizeof buf, "%s B=%ld m=%ld d=%ld n_valid=%ld slot=%ld mask=%s%s%s",
                 c10::toString(dtype), long(c.B), long(c.m), long(c.d), long(c.n_valid),
-                long(c.slot), c.mask.c_str(), c.zero_dz ? " dz=0" : "");
+                long(c.slot), c.mask.c_str(), c.zero_dz ? " dz=0" : "",
+                c.batch_minor ? " batch-minor" : "");
   return buf;
 }
 
@@ -106,9 +110,14 @@ void run_case(const Case& c, at::ScalarType dtype) {
   const std::string name = name_of(c, dtype);
   const auto opts = at::TensorOptions().dtype(dtype);
   // Near-identity-Jacobian data (H ~ -I, dF ~ -dz) keeps v_new . dF ~ |dz|^2, well away from 0,
-  // so the float32 comparison measures rounding, not conditioning.
-  auto U = (0.3 * at::randn({c.B, c.m, c.d}, at::kDouble) / std::sqrt(double(c.d))).to(dtype);
-  auto V = (0.3 * at::randn({c.B, c.m, c.d}, at::kDouble) / std::sqrt(double(c.d))).to(dtype);
+  // so the float32 comparison measures rounding, not conditioning. The pairs shrink with m:
+  // 30 pairs of scale 0.3 bring some H near 0 among thousands of samples.
+  const double scale = 0.3 / std::sqrt(double(c.d * std::max<int64_t>(c.m, 1)));
+  auto history = [&] {
+    auto X = (scale * at::randn({c.B, c.m, c.d}, at::kDouble)).to(dtype);
+    return c.batch_minor ? X.permute({1, 2, 0}).contiguous().permute({2, 0, 1}) : X;
+  };
+  auto U = history(), V = history();
   // Slots outside the valid history (and the slot about to be filled) must never be read.
   for (int64_t i = c.n_valid; i < c.m; ++i) {
     U.select(1, i).fill_(std::numeric_limits<double>::quiet_NaN());
@@ -239,7 +248,19 @@ int main() {
       {3, 5, 6, 5, 2, "alternate", true},  // dz = 0, full ring: slot zeroed, step w/o slot
       {3, 5, 6, 2, 2, "all", true},      // dz = 0 while filling
       {2, 1, 3, 1, 0, "all", true},      // dz = 0, m = 1: step = F
+      // Batch-minor histories, d <= 4 (the AVX-512 kernel where the CPU has it): B = 37 is two
+      // full vector blocks and a partial one; 9001 and 3001 (full histories) are cut between
+      // two threads inside a block.
+      {1, 3, 1, 0, 0, "all", false, true},
+      {37, 5, 1, 5, 2, "alternate", false, true},
+      {37, 5, 2, 3, 3, "all", false, true},
+      {37, 5, 3, 5, 0, "alternate", false, true},
+      {37, 5, 4, 5, 4, "all", false, true},
+      {9001, 30, 1, 30, 7, "alternate", false, true},
+      {3001, 30, 4, 30, 29, "all", false, true},
+      {37, 5, 2, 5, 1, "alternate", true, true},  // dz = 0: the dropped update
   };
+  at::set_num_threads(2);
   for (auto dtype : {at::kFloat, at::kDouble})
     for (const auto& c : cases) run_case(c, dtype);
   run_argument_checks();
