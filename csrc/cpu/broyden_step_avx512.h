@@ -41,12 +41,15 @@ struct Float16 {
                              lanes[12], lanes[13], lanes[14], lanes[15]);
   }
   // Lane l of the result: lane i[l] of the 32 lanes of a then b.
-  static IMPFLOW_AVX512 vec permute2(vec a, index i, vec b) { return _mm512_permutex2var_ps(a, i, b); }
+  static IMPFLOW_AVX512 vec permute2(vec a, index i, vec b) {
+    return _mm512_permutex2var_ps(a, i, b);
+  }
   static IMPFLOW_AVX512 vec blend(mask m, vec a, vec b) { return _mm512_mask_blend_ps(m, a, b); }
   // Lanes whose byte of `flags` (kWidth bytes) is non-zero.
   static IMPFLOW_AVX512 mask nonzero_bytes(const uint8_t* flags) {
     const __m128i bytes = _mm_loadu_si128(reinterpret_cast<const __m128i*>(flags));
-    const __m512i wide = _mm512_maskz_cvtepu8_epi32(0xFFFF, bytes);  // maskz: no -Wmaybe-uninitialized
+    // The maskz form: the plain one trips GCC's -Wmaybe-uninitialized in its own header.
+    const __m512i wide = _mm512_maskz_cvtepu8_epi32(0xFFFF, bytes);
     return _mm512_test_epi32_mask(wide, wide);
   }
   static IMPFLOW_AVX512 vec add(vec a, vec b) { return _mm512_add_ps(a, b); }
@@ -76,7 +79,9 @@ struct Double8 {
     return _mm512_setr_epi64(lanes[0], lanes[1], lanes[2], lanes[3], lanes[4], lanes[5],
                              lanes[6], lanes[7]);
   }
-  static IMPFLOW_AVX512 vec permute2(vec a, index i, vec b) { return _mm512_permutex2var_pd(a, i, b); }
+  static IMPFLOW_AVX512 vec permute2(vec a, index i, vec b) {
+    return _mm512_permutex2var_pd(a, i, b);
+  }
   static IMPFLOW_AVX512 vec blend(mask m, vec a, vec b) { return _mm512_mask_blend_pd(m, a, b); }
   static IMPFLOW_AVX512 mask nonzero_bytes(const uint8_t* flags) {
     const __m128i bytes = _mm_loadl_epi64(reinterpret_cast<const __m128i*>(flags));

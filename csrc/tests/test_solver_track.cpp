@@ -150,7 +150,8 @@ void run_case(int64_t B, int64_t n, bool relative, at::ScalarType dtype, uint64_
     else if (got_mask[b] != bool(want.mask[b]))
       why = "mask" + at_b;
     for (int r = 0; r < 4 && why.empty(); ++r)
-      if (!close(got_best[r * B + b], want.best[r * B + b])) why = "best row " + std::to_string(r) + at_b;
+      if (!close(got_best[r * B + b], want.best[r * B + b]))
+        why = "best row " + std::to_string(r) + at_b;
     for (int64_t j = 0; j < n && why.empty(); ++j)
       if (!close(got_z[b * n + j], want.best_z[b * n + j]) ||
           !close(got_F[b * n + j], want.best_F[b * n + j]))
