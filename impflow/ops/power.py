@@ -1,10 +1,17 @@
 """Python entry point of the fused power-iteration op (torch.ops.impflow.power_iteration)."""
 
 import torch
+from torch.torch_version import TorchVersion
 
 from impflow._extension import check_device
+from impflow.ops.reference import power_iteration_reference
 
 __all__ = ["power_iteration"]
+
+# torch < 2.5 cannot functionalize a custom op that mutates a list of tensors (Tensor(a!)[]:
+# auto_functionalize learnt it in 2.5), so torch.compile fails on this op there. A graph being
+# compiled on such a torch runs the reference instead: plain PyTorch, the same contract.
+_COMPILE_TAKES_REFERENCE = TorchVersion(torch.__version__) < (2, 5)
 
 
 def power_iteration(weights, us, vs, n_iterations):
@@ -19,6 +26,8 @@ def power_iteration(weights, us, vs, n_iterations):
         return torch.empty(0)  # the dispatcher needs a tensor to pick a backend
     if weights:
         check_device(weights[0], "ops.power_iteration")
+    if _COMPILE_TAKES_REFERENCE and torch.compiler.is_compiling():
+        return power_iteration_reference(weights, us, vs, n_iterations)
     return torch.ops.impflow.power_iteration(weights, us, vs, n_iterations)
 
 

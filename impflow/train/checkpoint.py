@@ -27,6 +27,8 @@ step counter, data order) and deterministic kernels (CPU kernels are; on CUDA se
 from __future__ import annotations
 
 import contextlib
+import functools
+import io
 import math
 import os
 import random
@@ -54,7 +56,10 @@ _FORMAT = "impflow.checkpoint"
 _FORMAT_VERSION = 1
 # Values torch.load(weights_only=True) rebuilds (containers aside). Exact types: subclasses
 # such as numpy.float64 (a float) or an IntEnum pickle as something else.
-_PLAIN_TYPES = (type(None), bool, int, float, complex, str, bytes, torch.Size, torch.dtype)
+_ALWAYS_PLAIN = (type(None), bool, int, float, str, torch.Size, torch.dtype)
+# Loadable on newer torch only (torch 2.4 refuses both: they pickle through the globals
+# _codecs.encode and builtins.complex): found out once, by a round trip in memory.
+_PLAIN_IF_LOADABLE = {bytes: b"\x00", complex: 1j}
 
 
 class CheckpointError(RuntimeError):
@@ -69,13 +74,30 @@ class CheckpointMismatchError(CheckpointError):
 # Saving
 
 
+@functools.cache
+def _plain_types() -> tuple[type, ...]:
+    """The plain value types this torch's weights_only loader rebuilds."""
+    loadable = []
+    for kind, sample in _PLAIN_IF_LOADABLE.items():
+        buffer = io.BytesIO()
+        torch.save({"value": sample}, buffer)
+        buffer.seek(0)
+        try:
+            torch.load(buffer, weights_only=True)
+            loadable.append(kind)
+        except Exception:  # the loader's refusal (its error type differs between versions)
+            pass
+    return _ALWAYS_PLAIN + tuple(loadable)
+
+
 def _check_storable(value, where: str) -> None:
     """Raises TypeError naming the first value weights_only loading would refuse."""
-    if isinstance(value, Tensor) or type(value) in _PLAIN_TYPES:
+    plain = _plain_types()
+    if isinstance(value, Tensor) or type(value) in plain:
         return
     if type(value) in (dict, OrderedDict):  # subclasses (defaultdict, ...) would not load
         for key, item in value.items():
-            if type(key) not in _PLAIN_TYPES:
+            if type(key) not in plain:
                 raise TypeError(
                     f"{where} has a key of type {type(key).__name__}; checkpoint keys must be "
                     "str, int, float, bool or None"
@@ -90,6 +112,11 @@ def _check_storable(value, where: str) -> None:
         " (convert it with torch.from_numpy or .tolist())" if isinstance(value, np.ndarray) else ""
     )
     hint = hint or (" (use .item())" if isinstance(value, np.generic) else "")
+    if type(value) in _PLAIN_IF_LOADABLE:
+        raise TypeError(
+            f"{where} is a {type(value).__name__}, which the weights_only loader of torch "
+            f"{torch.__version__} cannot rebuild (newer torch can); store it as a tensor instead"
+        )
     raise TypeError(
         f"{where} is a {type(value).__module__}.{type(value).__qualname__}, which a checkpoint "
         f"cannot hold: only tensors, numbers, strings, bytes, None and dicts, lists and tuples "
