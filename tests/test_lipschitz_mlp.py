@@ -43,6 +43,14 @@ def test_layout():
     assert all(m.coeff == 0.9 and m.n_power_iterations == 3 for m in net[::2])
     assert net.dims == (3, 16, 8, 2)
     assert isinstance(net[:2], nn.Sequential) and net[:2][1] is net[1]  # slices work
+    # Integers pick layers as nn.Sequential does: negative from the end, IndexError past it.
+    plain = nn.Sequential(*net)
+    for i in range(-5, 5):
+        assert net[i] is plain[i]
+    assert net[torch.tensor(2)] is plain[2]
+    for bad in (5, -6):
+        with pytest.raises(IndexError, match=f"index {bad} is out of range"):
+            net[bad]
     assert net[1] is not net[3]  # one β per position
     names = [n for n, _ in net.named_parameters()]
     assert names == [

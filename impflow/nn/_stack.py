@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import copy
+import operator
 from collections import OrderedDict
 
 from torch import nn
@@ -21,9 +22,16 @@ def fresh_activation(activation) -> nn.Module:
 
 class LayerStack(nn.Sequential):
     """An ``nn.Sequential`` whose slices are plain ``nn.Sequential``s: the default rebuilds a
-    slice with ``type(self)(OrderedDict)``, which the subclasses' constructors do not take."""
+    slice with ``type(self)(OrderedDict)``, which the subclasses' constructors do not take.
+    An integer picks a layer as ``nn.Sequential`` does (negative counts from the end), from a
+    plain list: torch 2.4's dynamo cannot trace ``nn.Sequential``'s own lookup from a
+    subclass."""
 
     def __getitem__(self, idx):
         if isinstance(idx, slice):
             return nn.Sequential(OrderedDict(list(self._modules.items())[idx]))
-        return super().__getitem__(idx)
+        layers = list(self._modules.values())
+        idx = operator.index(idx)
+        if not -len(layers) <= idx < len(layers):
+            raise IndexError(f"index {idx} is out of range")
+        return layers[idx]
