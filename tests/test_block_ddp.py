@@ -57,7 +57,7 @@ def _worker(rank, world_size, init_file, state_path, out_dir, device):
     ddp = loss = None
     try:
         model = _model().to(device)
-        model.load_state_dict(torch.load(state_path))
+        model.load_state_dict(torch.load(state_path, weights_only=True))
         device_ids = [torch.device(device).index or 0] if device != "cpu" else None
         ddp = torch.nn.parallel.DistributedDataParallel(model, device_ids=device_ids)
         x = _data().to(device).chunk(world_size)[rank]
@@ -93,7 +93,7 @@ def test_ddp_two_processes_match_one_process_on_the_whole_batch(tmp_path, device
         join=True,
     )
     for rank in range(world_size):
-        grads = torch.load(tmp_path / f"grads{rank}.pt")
+        grads = torch.load(tmp_path / f"grads{rank}.pt", weights_only=True)
         assert grads.keys() == reference.keys()
         for name, ref in reference.items():
             assert ref.abs().max() > 0, name  # every parameter gets a gradient

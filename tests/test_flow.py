@@ -168,7 +168,9 @@ def test_state_dict_round_trip():
     buffer.seek(0)
     levels = [SequentialFlow(ActNorm(4), Invertible1x1Conv(4)), SequentialFlow(ActNorm(8))]
     fresh = Flow(SequentialFlow(LogitTransform(0.05), MultiScale(levels, input_shape=(1, 4, 4))))
-    fresh.load_state_dict(torch.load(buffer))  # the safe (weights-only) loader suffices
+    fresh.load_state_dict(
+        torch.load(buffer, weights_only=True)
+    )  # the safe (weights-only) loader suffices
     x = torch.rand(5, 1, 4, 4)
     assert torch.equal(fresh.log_prob(x), flow.log_prob(x))  # training mode: no re-init
     torch.manual_seed(3)

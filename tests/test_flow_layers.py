@@ -172,7 +172,7 @@ def test_actnorm_state_dict_round_trip_does_not_reinitialise():
     torch.save(state, buffer)
     buffer.seek(0)
     fresh = ActNorm(3)
-    fresh.load_state_dict(torch.load(buffer))
+    fresh.load_state_dict(torch.load(buffer, weights_only=True))
     assert fresh.training and fresh.initialized
     x = 4 * torch.randn(5, 3, 4, 4) - 2  # other statistics than the initialisation batch
     z_fresh, logdet_fresh = fresh(x)

@@ -229,7 +229,7 @@ def _roundtrip(state):
     buf = io.BytesIO()
     torch.save(state, buf)
     buf.seek(0)
-    return torch.load(buf)
+    return torch.load(buf, weights_only=True)
 
 
 @pytest.mark.parametrize("input_size", [None, (H, W)])

@@ -144,7 +144,7 @@ def test_state_dict_roundtrip():
     buf.seek(0)
     torch.manual_seed(1)
     b = LipschitzMLP([3, 8, 3], activation="lipswish", coeff=0.8, n_power_iterations=2)
-    b.load_state_dict(torch.load(buf))
+    b.load_state_dict(torch.load(buf, weights_only=True))
     x = torch.randn(4, 3)
     for mode in (False, True, True):
         a.train(mode)

@@ -403,7 +403,7 @@ def _roundtrip(state):
     buf = io.BytesIO()
     torch.save(state, buf)
     buf.seek(0)
-    return torch.load(buf)
+    return torch.load(buf, weights_only=True)
 
 
 def test_dense_state_dict_roundtrip():
