@@ -61,6 +61,7 @@ pytest_opts=(-q -rfEs --tb=short -p no:xdist -p no:cacheprovider)
   step "logdet memory" "$py" benchmarks/logdet_memory.py "${gpu[@]}" --out "$out/logdet_memory.json"
   step "exact logdet" "$py" benchmarks/exact_logdet.py "${gpu[@]}" --out "$out/exact_logdet.json"
   limit=$((2 * limit)) step "CPU tests" "$py" -m pytest tests "${pytest_opts[@]}" -m "not cuda"
+  echo  # a step killed at its time limit may leave its last line open
   echo "=== skipped at the deadline: ${skipped[*]:-none}"
   echo "=== done: ${#failed[@]} step(s) failed ${failed[*]:-}"
 } 2>&1 | tee "$out/gpu_check.log"
