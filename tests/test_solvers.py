@@ -136,12 +136,25 @@ def test_solves_contraction_to_known_root(method, L, kind, shape, B):
     assert bool((err <= 1e-6).all())
 
 
+Z0_LAYOUTS = {
+    # (4, 5, 3) starting points stored in other ways. Flattened to (4, 15), the first needs a
+    # copy; the others stay strided views (batch as the fastest dimension, every other
+    # sample of a larger batch, one sample broadcast to all).
+    "transposed": lambda: torch.randn(4, 3, 5, dtype=torch.float64).transpose(1, 2),
+    "batch last": lambda: torch.randn(5, 3, 4, dtype=torch.float64).permute(2, 0, 1),
+    "sliced": lambda: torch.randn(8, 5, 3, dtype=torch.float64)[::2],
+    "expanded": lambda: torch.randn(1, 5, 3, dtype=torch.float64).expand(4, 5, 3),
+}
+
+
+@pytest.mark.parametrize("layout", sorted(Z0_LAYOUTS))
 @pytest.mark.parametrize("method", sorted(METHODS))
-def test_z0_of_other_shapes_and_layouts(method):
-    # A non-contiguous z0 (transposed image batch) and a leaf requiring grad are accepted and
-    # neither is modified.
+def test_z0_of_other_shapes_and_layouts(method, layout):
+    # A non-contiguous z0 and a leaf requiring grad are accepted and neither is modified.
     fn, z_star, _ = contraction_problem(4, (5, 3), 0.7, seed=3)
-    z0 = torch.randn(4, 3, 5, dtype=torch.float64).transpose(1, 2).requires_grad_()
+    z0 = Z0_LAYOUTS[layout]()
+    if layout != "expanded":  # an expanded tensor cannot require grad in place
+        z0.requires_grad_()
     assert not z0.is_contiguous()
     before = z0.detach().clone()
     z, stats = METHODS[method](fn, z0, max_iter=500, tol=1e-10)

@@ -65,6 +65,12 @@ def check_impl(impl):
         raise ValueError(f"impl must be one of {sorted(_TRACK)}, got {impl!r}")
 
 
+def flat_start(z0):
+    """A private, contiguous (B, n) copy of ``z0`` to iterate on (z0 may have any strides;
+    the ops take contiguous iterates)."""
+    return z0.detach().reshape(z0.shape[0], -1).clone(memory_format=torch.contiguous_format)
+
+
 class FlatFunction:
     """Calls ``fn`` on (B, ...) iterates from flat (B, n) ones and checks what comes back."""
 
@@ -117,8 +123,8 @@ class Tracker:
         self.nstep = torch.zeros(B, dtype=torch.long, device=z.device)
         # Rows: best measure, its residual, first residual, ||z|| at the best iterate.
         self.best = torch.full((4, B), math.inf, dtype=torch.float64, device=z.device)
-        self.best_z = z.clone()
-        self.best_F = F.clone()
+        self.best_z = z.clone(memory_format=torch.contiguous_format)  # updated in place by
+        self.best_F = F.clone(memory_format=torch.contiguous_format)  # the op: contiguous
         self.any_fallback = False
         # The first call records z0: its residual becomes the reference for divergence.
         n_blowup, self.first_mask = self.update(z, F)

@@ -9,6 +9,7 @@ from impflow.solvers._common import (
     check_common_args,
     check_history,
     check_impl,
+    flat_start,
 )
 
 __all__ = ["anderson"]
@@ -57,7 +58,7 @@ def anderson(
     if not isinstance(regularization, (int, float)) or not regularization >= 0:
         raise ValueError(f"regularization must be a number >= 0, got {regularization!r}")
     f = FlatFunction(fn, z0)
-    z = z0.detach().reshape(z0.shape[0], -1).clone()
+    z = flat_start(z0)
     F = f(z)
     track = Tracker(
         z, F, tol=tol, stop_mode=stop_mode, divergence_ratio=divergence_ratio, impl=impl

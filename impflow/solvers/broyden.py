@@ -7,7 +7,13 @@ import torch
 from impflow.ops.broyden import broyden_step
 from impflow.ops.reference import broyden_step_reference
 from impflow.ops.track import ACTIVE, FALLBACK
-from impflow.solvers._common import FlatFunction, Tracker, check_common_args, check_history
+from impflow.solvers._common import (
+    FlatFunction,
+    Tracker,
+    check_common_args,
+    check_history,
+    flat_start,
+)
 from impflow.solvers._workspace import reused
 
 __all__ = ["broyden", "broyden_history"]
@@ -91,7 +97,7 @@ def broyden(
         raise ValueError(f"impl must be one of {sorted(_STEPS)}, got {impl!r}")
     update = _STEPS[impl]
     f = FlatFunction(fn, z0)
-    z = z0.detach().reshape(z0.shape[0], -1).clone()
+    z = flat_start(z0)
     F = f(z)
     track = Tracker(
         z, F, tol=tol, stop_mode=stop_mode, divergence_ratio=divergence_ratio, impl=impl

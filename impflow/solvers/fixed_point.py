@@ -3,7 +3,7 @@
 import torch
 
 from impflow.ops.track import ACTIVE, BLOWUP, DIVERGED
-from impflow.solvers._common import FlatFunction, Tracker, check_common_args, check_impl
+from impflow.solvers._common import FlatFunction, Tracker, check_common_args, check_impl, flat_start
 
 __all__ = ["fixed_point"]
 
@@ -40,7 +40,7 @@ def fixed_point(
     if not isinstance(damping, (int, float)) or not 0 < damping <= 1:
         raise ValueError(f"damping must be a number in (0, 1], got {damping!r}")
     f = FlatFunction(fn, z0)
-    z = z0.detach().reshape(z0.shape[0], -1).clone()
+    z = flat_start(z0)
     F = f(z)
     track = Tracker(
         z, F, tol=tol, stop_mode=stop_mode, divergence_ratio=divergence_ratio, impl=impl
