@@ -18,7 +18,17 @@ import importlib.util
 import os
 import sys
 
+import setuptools
 from setuptools import find_packages, setup
+
+# The metadata lives in pyproject.toml ([project]), which setuptools reads from 64 on (61 in
+# part). `--no-build-isolation` skips the build requirements that say so, and an older
+# setuptools (Python 3.9's venv brings 58) builds a package named UNKNOWN 0.0.0.
+if int(setuptools.__version__.split(".")[0]) < 64:
+    sys.exit(
+        f"impflow needs setuptools >= 64 to build, found {setuptools.__version__}: "
+        "pip install -U 'setuptools>=64'"
+    )
 
 # torch guesses CUDA_HOME from `which nvcc`; a wrapper script on PATH (as in /usr/local/bin)
 # would point it at a folder without libcudart, so prefer the standard toolkit folder.

@@ -8,7 +8,8 @@ cd "$(dirname "$0")/.."
 [ -x .venv/bin/python ] || python3 -m venv .venv
 py=.venv/bin/python
 "$py" -m pip install -q "${IMPFLOW_TORCH:-torch==2.14.1}"
-"$py" -m pip install -q numpy scipy pybind11 ninja setuptools wheel pytest expecttest
+# setuptools >= 64 reads pyproject.toml's metadata (a new venv of Python 3.9 brings 58).
+"$py" -m pip install -q numpy scipy pybind11 ninja "setuptools>=64" wheel pytest expecttest
 # the training extras (pyproject.toml [train]); the data-loader tests need them
 "$py" -m pip install -q scikit-learn pandas h5py tqdm matplotlib
 # --no-build-isolation: compile against the torch just installed, never a second one.
