@@ -16,21 +16,13 @@
 #include <string>
 #include <vector>
 
+#include "check.h"
 #include "impflow/ops.h"
 
 namespace {
 
-int g_passed = 0, g_failed = 0;
-
-void report(bool ok, const std::string& name, const std::string& why = "") {
-  (ok ? g_passed : g_failed)++;
-  if (!ok) std::printf("FAIL %s: %s\n", name.c_str(), why.c_str());
-}
-
-std::vector<double> values(const at::Tensor& t) {
-  const auto d = t.to(at::kDouble).contiguous();
-  return std::vector<double>(d.data_ptr<double>(), d.data_ptr<double>() + d.numel());
-}
+using impflow_test::report;
+using impflow_test::values;
 
 // Bitwise-style equality that also accepts NaN == NaN (unused slots hold NaN sentinels).
 bool same(double a, double b) { return (std::isnan(a) && std::isnan(b)) || a == b; }
@@ -264,6 +256,5 @@ int main() {
   for (auto dtype : {at::kFloat, at::kDouble})
     for (const auto& c : cases) run_case(c, dtype);
   run_argument_checks();
-  std::printf("%d passed, %d failed\n", g_passed, g_failed);
-  return g_failed == 0 ? 0 : 1;
+  return impflow_test::finish();
 }

@@ -15,6 +15,7 @@
 #include <string>
 #include <vector>
 
+#include "check.h"
 #include "impflow/ops.h"
 
 namespace {
@@ -23,18 +24,8 @@ namespace {
 // documents the same values).
 constexpr int kActive = 1, kConverged = 2, kNonfinite = 4, kFallback = 16, kBlowup = 32;
 
-int g_passed = 0, g_failed = 0;
-
-void report(bool ok, const std::string& name, const std::string& why = "") {
-  (ok ? g_passed : g_failed)++;
-  if (!ok) std::printf("FAIL %s: %s\n", name.c_str(), why.c_str());
-}
-
-template <typename T>
-std::vector<T> values(const at::Tensor& t) {
-  const auto c = t.contiguous();
-  return std::vector<T>(c.data_ptr<T>(), c.data_ptr<T>() + c.numel());
-}
+using impflow_test::report;
+using impflow_test::values;
 
 struct State {
   std::vector<double> z, F, best_z, best_F, best;  // best: 4 rows of B
@@ -119,9 +110,8 @@ void run_case(int64_t B, int64_t n, bool relative, at::ScalarType dtype, uint64_
   // Inputs in the op's dtype; the oracle works on their values in double.
   z = z.to(dtype), F = F.to(dtype), best_z = best_z.to(dtype), best_F = best_F.to(dtype);
 
-  State want{values<double>(z.to(at::kDouble)), values<double>(F.to(at::kDouble)),
-             values<double>(best_z.to(at::kDouble)), values<double>(best_F.to(at::kDouble)),
-             values<double>(best), values<uint8_t>(status), values<int64_t>(nstep)};
+  State want{values(z), values(F), values(best_z), values(best_F), values(best),
+             values<uint8_t>(status), values<int64_t>(nstep)};
   const Settings c{1e-3, 1e-7, 10.0, relative};
   naive_track(want, B, n, c);
 
@@ -137,9 +127,9 @@ void run_case(int64_t B, int64_t n, bool relative, at::ScalarType dtype, uint64_
   const auto got_status = values<uint8_t>(status);
   const auto got_nstep = values<int64_t>(nstep);
   const auto got_mask = values<bool>(mask);
-  const auto got_best = values<double>(best);
-  const auto got_z = values<double>(best_z.to(at::kDouble));
-  const auto got_F = values<double>(best_F.to(at::kDouble));
+  const auto got_best = values(best);
+  const auto got_z = values(best_z);
+  const auto got_F = values(best_F);
   for (int64_t b = 0; b < B && why.empty(); ++b) {
     const std::string at_b = " at b=" + std::to_string(b);
     if (got_status[b] != want.status[b])
@@ -177,6 +167,5 @@ int main() {
     for (int64_t B : {1, 7, 600, 3001})
       for (int64_t n : {1, 2, 3, 4, 9, 64})
         for (bool relative : {false, true}) run_case(B, n, relative, dtype, ++seed);
-  std::printf("%d passed, %d failed\n", g_passed, g_failed);
-  return g_failed == 0 ? 0 : 1;
+  return impflow_test::finish();
 }
