@@ -4,10 +4,11 @@ from __future__ import annotations
 
 import math
 import numbers
-import warnings
 
 import torch
 from torch import Tensor, nn
+
+from impflow._warnings import warn_at_caller
 
 __all__ = ["SeriesDivergenceError", "SeriesDivergenceWarning"]
 
@@ -46,8 +47,7 @@ def check_on_divergence(value) -> str:
 def report_divergence(message: str, on_divergence: str) -> None:
     if on_divergence == "raise":
         raise SeriesDivergenceError(message)
-    # stacklevel 3: the caller of the estimator that calls this.
-    warnings.warn(message, SeriesDivergenceWarning, stacklevel=3)
+    warn_at_caller(message, SeriesDivergenceWarning)
 
 
 def check_input(x) -> None:

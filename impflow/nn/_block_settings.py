@@ -6,12 +6,12 @@ from __future__ import annotations
 
 import math
 import numbers
-import warnings
 from dataclasses import dataclass
 
 import torch
 from torch import Tensor, nn
 
+from impflow._warnings import warn_at_caller
 from impflow.logdet import RouletteLogdet
 from impflow.solvers import SOLVERS, SolverStats, SolverWarning, solve, solver_options
 
@@ -62,14 +62,12 @@ def check_on_failure(value) -> str:
     return value
 
 
-def report_failure(
-    message: str, on_failure: str, stats=None, category=SolverWarning, stacklevel=4
-) -> None:
-    """Raises :class:`ImplicitSolveError` or warns (``category``), by ``on_failure``;
-    ``stacklevel`` counts from this function (4: the block method's caller)."""
+def report_failure(message: str, on_failure: str, stats=None, category=SolverWarning) -> None:
+    """Raises :class:`ImplicitSolveError` or warns (``category``, at the user's line), by
+    ``on_failure``."""
     if on_failure == "raise":
         raise ImplicitSolveError(message, stats)
-    warnings.warn(message, category, stacklevel=stacklevel)
+    warn_at_caller(message, category)
 
 
 @dataclass

@@ -339,7 +339,6 @@ def _exact_term(g, t: Tensor, name: str, arg: str, where: str, on_failure: str) 
             f"(impflow.nn.update_lipschitz) or lower the spectral-norm coefficient",
             on_failure,
             category=NonContractiveWarning,
-            stacklevel=5,
         )
     return LogdetTerm(logabsdet, net_value=gt, jacobian=jac.detach())
 

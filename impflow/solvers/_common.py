@@ -3,10 +3,9 @@ bookkeeping (residuals, convergence, lowest-residual iterate, divergence)."""
 
 import math
 import numbers
-import warnings
-
 import torch
 
+from impflow._warnings import warn_at_caller
 from impflow.ops.reference import solver_track_reference
 from impflow.ops.track import ACTIVE, BLOWUP, CONVERGED, DIVERGED, FALLBACK, NONFINITE, solver_track
 from impflow.solvers.stats import SolverStats, SolverWarning
@@ -222,7 +221,7 @@ class Tracker:
             max_iter=max_iter,
         )
         if warn and not stats.all_converged:
-            warnings.warn(_failure_message(stats, on_divergence), SolverWarning, stacklevel=3)
+            warn_at_caller(_failure_message(stats, on_divergence), SolverWarning)
         return self.best_z.reshape(shape), stats
 
 

@@ -33,7 +33,6 @@ import math
 import os
 import random
 import tempfile
-import warnings
 from collections import OrderedDict
 from collections.abc import Mapping
 from pathlib import Path
@@ -41,6 +40,8 @@ from pathlib import Path
 import numpy as np
 import torch
 from torch import Tensor, nn
+
+from impflow._warnings import warn_at_caller
 
 __all__ = [
     "CheckpointError",
@@ -432,11 +433,10 @@ def restore_rng_state(
             torch.cuda.set_rng_state_all(cuda)
         else:
             have = torch.cuda.device_count() if torch.cuda.is_available() else 0
-            warnings.warn(
+            warn_at_caller(
                 f"the checkpoint holds the random state of {len(cuda)} CUDA device(s) but this "
                 f"process has {have}: CUDA random draws will not continue exactly",
                 RuntimeWarning,
-                stacklevel=2,
             )
     saved_generators = state.get("generators", {})
     for key, gen in (generators or {}).items():
