@@ -14,6 +14,7 @@ import torch
 
 import impflow
 from impflow.solvers import SolverStats, SolverWarning, anderson, broyden, fixed_point, solve
+from testing import DEVICES, DTYPES
 
 METHODS = {"broyden": broyden, "anderson": anderson, "fixed_point": fixed_point}
 BROYDEN_MODULE = sys.modules["impflow.solvers.broyden"]  # `impflow.solvers.broyden` is the function
@@ -162,6 +163,36 @@ def test_z0_of_other_shapes_and_layouts(method, layout):
     assert torch.equal(z0.detach(), before)
     assert not z.requires_grad
     torch.testing.assert_close(z, z_star, atol=1e-8, rtol=0)
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("B, d", [(600, 2), (37, 64), (5, 300)])
+@pytest.mark.parametrize("method", sorted(METHODS))
+def test_a_samples_solution_does_not_depend_on_its_batch(method, B, d, device, dtype):
+    # Solved alone, in a slice of the batch or in the whole batch, a sample gets the same
+    # iterate and step count: the kernels' vector lanes, thread splits and history layouts
+    # (batch-minor for d <= 4 on the CPU) must not leak between samples. Bitwise on the CPU;
+    # on CUDA, batched linear algebra (Anderson) may pick another algorithm per batch size.
+    gen = torch.Generator().manual_seed(B + d)
+    c = torch.randn(B, d, generator=gen, dtype=dtype).to(device)
+
+    def coupled(c):
+        return lambda z: 0.9 * torch.tanh(0.5 * (z + torch.roll(z, 1, dims=1))) + c - z
+
+    tol = 1e-5 if dtype == torch.float32 else 1e-10
+    solve_rows = lambda rows: METHODS[method](  # noqa: E731
+        coupled(c[rows]), torch.zeros_like(c[rows]), tol=tol, max_iter=200
+    )
+    z, stats = solve_rows(slice(None))
+    assert stats.all_converged
+    for rows in (slice(0, 1), slice(B - 1, B), slice(B // 3, B // 3 + 17), slice(1, None, 2)):
+        z_part, stats_part = solve_rows(rows)
+        if device == "cpu":
+            assert torch.equal(z_part, z[rows]), rows
+            assert torch.equal(stats_part.nstep, stats.nstep[rows]), rows
+        else:
+            torch.testing.assert_close(z_part, z[rows], atol=10 * tol, rtol=0)
 
 
 # ---------------------------------------------------------------------------- float32
