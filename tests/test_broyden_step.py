@@ -305,3 +305,20 @@ def test_split_cuda_kernel_opcheck_and_switch(device, monkeypatch):
     monkeypatch.setenv("IMPFLOW_CUDA_STEP", "blocks")
     with pytest.raises(RuntimeError, match="IMPFLOW_CUDA_STEP must be 'block' or 'split'"):
         broyden_step(*state, 1, 3)
+
+
+@pytest.mark.parametrize("kernel", ["block", "split"])
+@pytest.mark.parametrize("dtype, max_m", [(torch.float64, 255), (torch.float32, 511)])
+@pytest.mark.parametrize("device", DEVICES[1:])
+def test_cuda_history_limit_is_checked_at_the_first_step(device, dtype, max_m, kernel, monkeypatch):
+    # The kernels keep a block's partial dots in 48 KiB of shared memory. The longest history
+    # they hold runs when full; one slot more is refused at n_valid = 0, so a solve with it
+    # stops at its first step, not after max_m of them.
+    monkeypatch.setenv("IMPFLOW_CUDA_STEP", kernel)
+    state = make_state(3, max_m, 5, max_m, dtype, device, seed=max_m)
+    same = reference_on_copies(*state, 7, max_m, dtype)
+    out, ref = run_both(*state, 7, max_m)
+    assert_close_to_reference(out, ref, same, f"(m = n_valid = {max_m})")
+    state = make_state(3, max_m + 1, 5, 0, dtype, device, seed=1)
+    with pytest.raises(RuntimeError, match=f"at most {max_m} history slots .* got m = {max_m + 1}"):
+        broyden_step(*state, 0, 0)

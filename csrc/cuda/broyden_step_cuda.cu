@@ -107,6 +107,13 @@ void launch(at::Tensor& U, at::Tensor& V, const at::Tensor& dz, const at::Tensor
 // IMPFLOW_CUDA_STEP (read at every call, so tests can switch it): "split" runs the split
 // kernels of broyden_step_split.cuh, "block" or unset the one-block kernel above. The split
 // kernels stay opt-in until they have run and been measured on a GPU.
+// The kernels keep up to 8 warps' partial dots (3 m + 2 each) in a block's shared memory, at
+// most 48 KiB without an opt-in: 255 slots in float64, 511 in float32 (the accumulators).
+int64_t max_history_slots(at::ScalarType dtype) {
+  const int64_t acc_bytes = dtype == at::kDouble ? 8 : 4;
+  return (48 * 1024 / (8 * acc_bytes) - 2) / 3;
+}
+
 bool use_split_kernel() {
   const char* choice = std::getenv("IMPFLOW_CUDA_STEP");
   if (choice == nullptr || choice[0] == '\0' || std::strcmp(choice, "block") == 0) return false;
@@ -119,6 +126,12 @@ at::Tensor broyden_step_cuda(at::Tensor& U, at::Tensor& V, const at::Tensor& dz_
                              const at::Tensor& dF_in, const at::Tensor& F_in,
                              const at::Tensor& active_in, int64_t slot, int64_t n_valid) {
   check_broyden_step_args(U, V, dz_in, dF_in, F_in, active_in, slot, n_valid);
+  // Checked against the capacity m, not the slots filled so far: a solve with too long a
+  // history fails at its first step, not after m of them.
+  const int64_t max_m = max_history_slots(U.scalar_type());
+  TORCH_CHECK(U.size(1) <= max_m, "broyden_step: the CUDA kernel holds at most ", max_m,
+              " history slots in ", U.scalar_type(), " (U.size(1), a solver's history), got m = ",
+              U.size(1));
   const c10::cuda::CUDAGuard guard(U.device());
   const auto dz = dz_in.contiguous(), dF = dF_in.contiguous(), F = F_in.contiguous();
   const auto active = active_in.contiguous();

@@ -76,7 +76,8 @@ def broyden(
         tol: stop a sample once its measure is ``<= tol`` (or the dtype's floor, see
             :class:`SolverStats`).
         stop_mode: ``"abs"``: ``||fn(z)||_2``; ``"rel"``: ``||fn(z)||_2 / ||z||_2``.
-        history: rank ``m`` of the inverse-Jacobian estimate (>= 1).
+        history: rank ``m`` of the inverse-Jacobian estimate (>= 1; the fused CUDA step
+            holds at most 255 in float64 and 511 in float32, and says so at the first step).
         divergence_ratio: a residual above this multiple of the first one, or a non-finite
             one, sends the sample back to its best iterate and on by fixed-point iteration.
         impl: ``"fused"`` (the C++/CUDA ops) or ``"reference"`` (the same algorithm in plain
