@@ -141,6 +141,31 @@ def test_fn_wrong_output_mid_solve(method):
     assert len(calls) == 3
 
 
+@pytest.mark.parametrize("shape", [(3, 4), (3, 2, 2)], ids=["flat", "shaped"])
+@pytest.mark.parametrize("method", ALL)
+def test_fn_modifying_its_input_in_place(method, shape):
+    # It would move the solver's iterate behind its back: without the check, every method
+    # ran to max_iter and reported non-convergence, with no word about why.
+    calls = []
+
+    def fn(z):
+        calls.append(1)
+        if len(calls) == 3:
+            z.mul_(1.0001)  # a careless in-place op, on the third call only
+        return contraction(z)
+
+    z0 = z0_like().reshape(shape)
+    with pytest.raises(ValueError, match="fn must not modify its input in place"):
+        run(method, fn=fn, z0=z0, tol=1e-12)
+    assert len(calls) == 3
+    # Reading its input, or writing into its own result, is fine.
+    z, stats = run(method, fn=lambda z: contraction(z).mul_(1.0), z0=z0)
+    assert stats.all_converged
+    with torch.inference_mode():  # inference tensors have no version counter to check
+        z, stats = run(method, z0=z0_like().reshape(shape))
+    assert stats.all_converged
+
+
 # ---------------------------------------------------------------------- scalar options
 
 

@@ -84,8 +84,17 @@ class FlatFunction:
         self.calls = 0
 
     def __call__(self, z_flat):
+        # fn writing into its input would change the solver's iterate behind its back (seen
+        # only as a failure to converge): the version counter tells, for 0.2 µs a call.
+        # Inference tensors have no counter.
+        version = None if z_flat.is_inference() else z_flat._version
         out = self.fn(z_flat if self.flat else z_flat.view(self.shape))
         self.calls += 1
+        if version is not None and z_flat._version != version:
+            raise ValueError(
+                "fn must not modify its input in place (the solver's iterate): use "
+                "out-of-place operations, or work on a copy (z.clone())"
+            )
         if not isinstance(out, torch.Tensor):
             raise TypeError(f"fn must return a tensor, got {type(out).__name__}")
         if out.shape != self.shape:
