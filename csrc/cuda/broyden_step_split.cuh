@@ -16,12 +16,12 @@
 
 #include <ATen/ATen.h>
 #include <ATen/OpMathType.h>
-#include <ATen/cuda/CUDAContext.h>
 
 #include <limits>
 
 #include "broyden_step_device.cuh"
 #include "impflow/broyden_math.h"
+#include "shared_memory.cuh"
 
 namespace impflow {
 namespace split_step {
@@ -47,7 +47,7 @@ dots_kernel(scalar_t* __restrict__ U, scalar_t* __restrict__ V, const scalar_t* 
             const bool* __restrict__ active, at::opmath_type<scalar_t>* __restrict__ partial,
             int64_t d, int chunks, int n_valid, int64_t sB, int64_t sM, int64_t sD) {
   using acc_t = at::opmath_type<scalar_t>;
-  extern __shared__ unsigned char smem_raw[];
+  IMPFLOW_DYNAMIC_SHARED_MEMORY(smem_raw);
   acc_t* warp_dots = reinterpret_cast<acc_t*>(smem_raw);  // [warp][dot]
   const int64_t b = blockIdx.x;
   const int c = blockIdx.y;
@@ -75,7 +75,7 @@ update_kernel(scalar_t* __restrict__ U, scalar_t* __restrict__ V,
               scalar_t* __restrict__ step, int64_t d, int chunks, int n_valid, int slot,
               int64_t sB, int64_t sM, int64_t sD) {
   using acc_t = at::opmath_type<scalar_t>;
-  extern __shared__ unsigned char smem_raw[];
+  IMPFLOW_DYNAMIC_SHARED_MEMORY(smem_raw);
   acc_t* dots = reinterpret_cast<acc_t*>(smem_raw);  // the sample's dots, summed over chunks
   const int64_t b = blockIdx.x;
   const ChunkRange r = chunk_range(blockIdx.y, d);
@@ -95,12 +95,12 @@ update_kernel(scalar_t* __restrict__ U, scalar_t* __restrict__ V,
                   sD, dots, r.j0 + threadIdx.x, r.j1, kThreads, n_valid, slot);
 }
 
-// Both launches on the current stream. Tensors as in broyden_step_cuda (checked, contiguous
+// Both launches, one after the other. Tensors as checked by broyden_step_launch (contiguous
 // vectors; U, V contiguous or batch-minor), B >= 1, d >= 1.
-template <typename scalar_t>
-void launch(at::Tensor& U, at::Tensor& V, const at::Tensor& dz, const at::Tensor& dF,
-            const at::Tensor& F, const at::Tensor& active, at::Tensor& step, int n_valid,
-            int slot) {
+template <typename scalar_t, typename Launch>
+void launch(const Launch& launch_kernel, at::Tensor& U, at::Tensor& V, const at::Tensor& dz,
+            const at::Tensor& dF, const at::Tensor& F, const at::Tensor& active,
+            at::Tensor& step, int n_valid, int slot) {
   using acc_t = at::opmath_type<scalar_t>;
   const int64_t B = U.size(0), d = U.size(2);
   const int64_t chunks = (d + kChunk - 1) / kChunk;
@@ -115,18 +115,15 @@ void launch(at::Tensor& U, at::Tensor& V, const at::Tensor& dz, const at::Tensor
   const at::Tensor partial =
       at::empty({B, chunks, n_dots}, U.options().dtype(c10::CppTypeToScalarType<acc_t>::value));
   const dim3 grid(static_cast<unsigned>(B), static_cast<unsigned>(chunks));
-  const auto stream = at::cuda::getCurrentCUDAStream();
-  dots_kernel<scalar_t><<<grid, kThreads, dots_smem, stream>>>(
-      U.data_ptr<scalar_t>(), V.data_ptr<scalar_t>(), dz.data_ptr<scalar_t>(),
-      dF.data_ptr<scalar_t>(), F.data_ptr<scalar_t>(), active.data_ptr<bool>(),
-      partial.data_ptr<acc_t>(), d, int(chunks), n_valid, U.stride(0), U.stride(1), U.stride(2));
-  C10_CUDA_KERNEL_LAUNCH_CHECK();
-  update_kernel<scalar_t><<<grid, kThreads, size_t(n_dots) * sizeof(acc_t), stream>>>(
-      U.data_ptr<scalar_t>(), V.data_ptr<scalar_t>(), dz.data_ptr<scalar_t>(),
-      dF.data_ptr<scalar_t>(), F.data_ptr<scalar_t>(), active.data_ptr<bool>(),
-      partial.data_ptr<acc_t>(), step.data_ptr<scalar_t>(), d, int(chunks), n_valid, slot,
-      U.stride(0), U.stride(1), U.stride(2));
-  C10_CUDA_KERNEL_LAUNCH_CHECK();
+  launch_kernel(grid, dim3(kThreads), dots_smem, dots_kernel<scalar_t>, U.data_ptr<scalar_t>(),
+                V.data_ptr<scalar_t>(), dz.data_ptr<scalar_t>(), dF.data_ptr<scalar_t>(),
+                F.data_ptr<scalar_t>(), active.data_ptr<bool>(), partial.data_ptr<acc_t>(), d,
+                int(chunks), n_valid, U.stride(0), U.stride(1), U.stride(2));
+  launch_kernel(grid, dim3(kThreads), size_t(n_dots) * sizeof(acc_t), update_kernel<scalar_t>,
+                U.data_ptr<scalar_t>(), V.data_ptr<scalar_t>(), dz.data_ptr<scalar_t>(),
+                dF.data_ptr<scalar_t>(), F.data_ptr<scalar_t>(), active.data_ptr<bool>(),
+                static_cast<const acc_t*>(partial.data_ptr<acc_t>()), step.data_ptr<scalar_t>(),
+                d, int(chunks), n_valid, slot, U.stride(0), U.stride(1), U.stride(2));
 }
 
 }  // namespace split_step

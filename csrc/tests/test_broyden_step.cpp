@@ -1,185 +1,23 @@
-// C++ test of impflow::broyden_step on CPU (no test framework: nothing may be downloaded).
-//
-// The oracle is deliberately naive and independent of broyden_math.h: it builds each sample's
-// H = -I + sum_i u_i v_i^T as a dense d x d matrix in double and applies the definition of the
-// update with plain loops, so a shared algebra slip in the fused kernel cannot hide here.
+// C++ test of impflow::broyden_step on CPU (no test framework: nothing may be downloaded),
+// against the naive oracle of broyden_step_cases.h.
 // The last line printed is "N passed, N failed"; the exit status is non-zero on any failure.
 #include <ATen/ATen.h>
 #include <ATen/Parallel.h>
 #include <c10/util/Exception.h>
 
-#include <algorithm>
-#include <cmath>
-#include <cstdio>
+#include <exception>
 #include <functional>
-#include <limits>
 #include <string>
 #include <vector>
 
+#include "broyden_step_cases.h"
 #include "check.h"
 #include "impflow/ops.h"
 
 namespace {
 
+using impflow_test::Case;
 using impflow_test::report;
-using impflow_test::values;
-
-// Bitwise-style equality that also accepts NaN == NaN (unused slots hold NaN sentinels).
-bool same(double a, double b) { return (std::isnan(a) && std::isnan(b)) || a == b; }
-
-struct Expected {
-  std::vector<double> U, V, step;
-};
-
-// The definition, per sample: H dense, v_new = H^T dz, u_new = (dz - H dF) / (v_new . dF),
-// slot <- (u_new, v_new) or zeros when the denominator is unusable, step = -H_new F.
-Expected naive_broyden_step(const std::vector<double>& U, const std::vector<double>& V,
-                            const std::vector<double>& dz, const std::vector<double>& dF,
-                            const std::vector<double>& F, const std::vector<bool>& active,
-                            int64_t B, int64_t m, int64_t d, int64_t slot, int64_t n_valid,
-                            double tiny) {
-  Expected out{U, V, std::vector<double>(B * d, 0.0)};
-  for (int64_t b = 0; b < B; ++b) {
-    if (!active[b]) continue;
-    // Row i, element j of sample b's history X (U or V).
-    auto row = [&](const std::vector<double>& X, int64_t i, int64_t j) {
-      return X[(b * m + i) * d + j];
-    };
-    // H over the old valid slots.
-    std::vector<double> H(d * d, 0.0);
-    for (int64_t j = 0; j < d; ++j) H[j * d + j] = -1.0;
-    for (int64_t i = 0; i < n_valid; ++i)
-      for (int64_t j = 0; j < d; ++j)
-        for (int64_t k = 0; k < d; ++k) H[j * d + k] += row(U, i, j) * row(V, i, k);
-    std::vector<double> v_new(d, 0.0), H_dF(d, 0.0), u_new(d, 0.0);
-    for (int64_t j = 0; j < d; ++j)
-      for (int64_t k = 0; k < d; ++k) {
-        v_new[j] += H[k * d + j] * dz[b * d + k];  // (H^T dz)_j
-        H_dF[j] += H[j * d + k] * dF[b * d + k];
-      }
-    double denom = 0.0, vF = 0.0;
-    for (int64_t j = 0; j < d; ++j) {
-      denom += v_new[j] * dF[b * d + j];
-      vF += v_new[j] * F[b * d + j];
-    }
-    const bool valid = std::isfinite(denom) && std::isfinite(vF) && std::abs(denom) > tiny;
-    for (int64_t j = 0; j < d; ++j) {
-      u_new[j] = valid ? (dz[b * d + j] - H_dF[j]) / denom : 0.0;
-      if (!valid) v_new[j] = 0.0;
-      out.U[(b * m + slot) * d + j] = u_new[j];
-      out.V[(b * m + slot) * d + j] = v_new[j];
-    }
-    // H_new over the slots valid after the update (the slot now holds the new pair).
-    const int64_t n_after = std::max(n_valid, slot + 1);
-    std::vector<double> Hn(d * d, 0.0);
-    for (int64_t j = 0; j < d; ++j) Hn[j * d + j] = -1.0;
-    for (int64_t i = 0; i < n_after; ++i)
-      for (int64_t j = 0; j < d; ++j)
-        for (int64_t k = 0; k < d; ++k) Hn[j * d + k] += row(out.U, i, j) * row(out.V, i, k);
-    for (int64_t j = 0; j < d; ++j)
-      for (int64_t k = 0; k < d; ++k) out.step[b * d + j] -= Hn[j * d + k] * F[b * d + k];
-  }
-  return out;
-}
-
-struct Case {
-  int64_t B, m, d, n_valid, slot;
-  std::string mask;  // "all", "none" or "alternate"
-  bool zero_dz;      // dz = 0: the denominator vanishes and the update is dropped
-  bool batch_minor = false;  // U, V stored as (m, d, B): the solver's CPU layout for d <= 4
-};
-
-std::string name_of(const Case& c, at::ScalarType dtype) {
-  char buf[160];
-  std::snprintf(buf, sizeof buf, "%s B=%ld m=%ld d=%ld n_valid=%ld slot=%ld mask=%s%s%s",
-                c10::toString(dtype), long(c.B), long(c.m), long(c.d), long(c.n_valid),
-                long(c.slot), c.mask.c_str(), c.zero_dz ? " dz=0" : "",
-                c.batch_minor ? " batch-minor" : "");
-  return buf;
-}
-
-void run_case(const Case& c, at::ScalarType dtype) {
-  const std::string name = name_of(c, dtype);
-  const auto opts = at::TensorOptions().dtype(dtype);
-  // Near-identity-Jacobian data (H ~ -I, dF ~ -dz) keeps v_new . dF ~ |dz|^2, well away from 0,
-  // so the float32 comparison measures rounding, not conditioning. The pairs shrink with m:
-  // 30 pairs of scale 0.3 bring some H near 0 among thousands of samples.
-  const double scale = 0.3 / std::sqrt(double(c.d * std::max<int64_t>(c.m, 1)));
-  auto history = [&] {
-    auto X = (scale * at::randn({c.B, c.m, c.d}, at::kDouble)).to(dtype);
-    return c.batch_minor ? X.permute({1, 2, 0}).contiguous().permute({2, 0, 1}) : X;
-  };
-  auto U = history(), V = history();
-  // Slots outside the valid history (and the slot about to be filled) must never be read.
-  for (int64_t i = c.n_valid; i < c.m; ++i) {
-    U.select(1, i).fill_(std::numeric_limits<double>::quiet_NaN());
-    V.select(1, i).fill_(std::numeric_limits<double>::quiet_NaN());
-  }
-  auto dz = c.zero_dz ? at::zeros({c.B, c.d}, opts) : at::randn({c.B, c.d}, opts);
-  auto dF = (-dz + 0.1 * at::randn({c.B, c.d}, opts)).contiguous();
-  auto F = at::randn({c.B, c.d}, opts);
-  std::vector<bool> act(c.B);
-  for (int64_t b = 0; b < c.B; ++b)
-    act[b] = c.mask == "all" || (c.mask == "alternate" && b % 2 == 0);
-  auto active = at::empty({c.B}, at::kBool);
-  for (int64_t b = 0; b < c.B; ++b) active.data_ptr<bool>()[b] = act[b];
-
-  const double tiny = dtype == at::kFloat ? double(std::numeric_limits<float>::min())
-                                          : std::numeric_limits<double>::min();
-  const auto want = naive_broyden_step(values(U), values(V), values(dz), values(dF), values(F),
-                                       act, c.B, c.m, c.d, c.slot, c.n_valid, tiny);
-  const auto U0 = values(U), V0 = values(V);
-  at::Tensor step;
-  try {
-    step = impflow::broyden_step(U, V, dz, dF, F, active, c.slot, c.n_valid);
-  } catch (const c10::Error& e) {
-    return report(false, name, std::string("threw: ") + e.what_without_backtrace());
-  }
-  if (step.sizes() != F.sizes() || step.scalar_type() != dtype)
-    return report(false, name, "step has the wrong shape or dtype");
-
-  const double tol = dtype == at::kFloat ? 2e-5 : 1e-12;
-  const auto gotU = values(U), gotV = values(V), gotS = values(step);
-  std::string why;
-  auto close = [&](double got, double exp) {
-    return same(got, exp) || std::abs(got - exp) <= tol * (1.0 + std::abs(exp));
-  };
-  for (int64_t b = 0; b < c.B && why.empty(); ++b) {
-    for (int64_t i = 0; i < c.m && why.empty(); ++i) {
-      for (int64_t j = 0; j < c.d; ++j) {
-        const int64_t at_ = (b * c.m + i) * c.d + j;
-        // Only an active sample's slot changes; everything else must be bit-identical.
-        const bool written = act[b] && i == c.slot;
-        const bool okU = written ? close(gotU[at_], want.U[at_]) : same(gotU[at_], U0[at_]);
-        const bool okV = written ? close(gotV[at_], want.V[at_]) : same(gotV[at_], V0[at_]);
-        if (!okU || !okV) {
-          why = "U/V mismatch at b=" + std::to_string(b) + " i=" + std::to_string(i) +
-                " j=" + std::to_string(j) + ": got (" + std::to_string(gotU[at_]) + ", " +
-                std::to_string(gotV[at_]) + ") want (" + std::to_string(want.U[at_]) + ", " +
-                std::to_string(want.V[at_]) + ")";
-          break;
-        }
-      }
-    }
-    for (int64_t j = 0; j < c.d && why.empty(); ++j) {
-      const double got = gotS[b * c.d + j], exp = want.step[b * c.d + j];
-      const bool ok = act[b] ? close(got, exp) : got == 0.0;  // inactive: exactly zero
-      if (!ok)
-        why = "step mismatch at b=" + std::to_string(b) + " j=" + std::to_string(j) + ": got " +
-              std::to_string(got) + " want " + std::to_string(exp);
-    }
-  }
-  if (why.empty() && c.zero_dz) {
-    // Spelled out: a dropped update writes zeros and steps with H minus the overwritten slot.
-    for (int64_t b = 0; b < c.B && why.empty(); ++b) {
-      if (!act[b]) continue;
-      for (int64_t j = 0; j < c.d; ++j)
-        if (gotU[(b * c.m + c.slot) * c.d + j] != 0.0 || gotV[(b * c.m + c.slot) * c.d + j] != 0.0)
-          why = "dropped update did not zero the slot";
-    }
-  }
-  report(why.empty(), name, why);
-}
 
 // The op must reject bad arguments with c10::Error (TORCH_CHECK), not crash or write.
 void expect_throw(const std::string& name, const std::function<void()>& call) {
@@ -253,8 +91,13 @@ int main() {
       {37, 5, 2, 5, 1, "alternate", true, true},  // dz = 0: the dropped update
   };
   at::set_num_threads(2);
+  const impflow_test::StepOp op = [](at::Tensor& U, at::Tensor& V, const at::Tensor& dz,
+                                     const at::Tensor& dF, const at::Tensor& F,
+                                     const at::Tensor& active, int64_t slot, int64_t n_valid) {
+    return impflow::broyden_step(U, V, dz, dF, F, active, slot, n_valid);
+  };
   for (auto dtype : {at::kFloat, at::kDouble})
-    for (const auto& c : cases) run_case(c, dtype);
+    for (const auto& c : cases) impflow_test::run_case(c, dtype, op);
   run_argument_checks();
   return impflow_test::finish();
 }

@@ -1,161 +1,12 @@
-// C++ test of impflow::solver_track on CPU (no test framework: nothing may be downloaded).
-//
-// The oracle follows the op's documented definition (ops.h) with plain loops over samples and
-// elements, and shares no code with track_math.h. The data mixes every case the decision
-// separates: residuals above and below tol, improving or not, NaN and Inf, exploding ones,
-// inactive and fallback samples, and stale blow-up flags that must be cleared.
+// C++ test of impflow::solver_track on CPU (no test framework: nothing may be downloaded),
+// against the naive oracle of solver_track_cases.h.
 // The last line printed is "N passed, N failed"; the exit status is non-zero on any failure.
 #include <ATen/ATen.h>
 #include <ATen/Parallel.h>
-#include <c10/util/Exception.h>
-
-#include <algorithm>
-#include <cmath>
-#include <cstdio>
-#include <string>
-#include <vector>
 
 #include "check.h"
 #include "impflow/ops.h"
-
-namespace {
-
-// Status bits, spelled out here rather than taken from track_math.h (impflow/ops/track.py
-// documents the same values).
-constexpr int kActive = 1, kConverged = 2, kNonfinite = 4, kFallback = 16, kBlowup = 32;
-
-using impflow_test::report;
-using impflow_test::values;
-
-struct State {
-  std::vector<double> z, F, best_z, best_F, best;  // best: 4 rows of B
-  std::vector<uint8_t> status;
-  std::vector<int64_t> nstep;
-  int64_t active = 0, blowup = 0;
-  std::vector<uint8_t> mask;
-};
-
-struct Settings {
-  double tol, floor_scale, divergence_ratio;
-  bool relative;
-};
-
-// The definition, sample by sample.
-void naive_track(State& s, int64_t B, int64_t n, const Settings& c) {
-  s.mask.assign(B, 0);
-  s.active = s.blowup = 0;
-  for (int64_t b = 0; b < B; ++b) {
-    int st = s.status[b] & ~kBlowup;
-    if (st & kActive) {
-      double F2 = 0, z2 = 0;
-      for (int64_t j = 0; j < n; ++j) {
-        F2 += s.F[b * n + j] * s.F[b * n + j];
-        z2 += s.z[b * n + j] * s.z[b * n + j];
-      }
-      const double res = std::sqrt(F2), z_norm = std::sqrt(z2);
-      const bool finite = std::isfinite(res);
-      const double measure = c.relative ? res / (z_norm + 1e-12) : res;
-      const double floor =
-          c.relative ? c.floor_scale : c.floor_scale * (z_norm + std::sqrt(double(n)));
-      const double first = s.best[2 * B + b];
-      if (finite && measure < s.best[0 * B + b]) {
-        s.best[0 * B + b] = measure;
-        s.best[1 * B + b] = res;
-        s.best[3 * B + b] = z_norm;
-        for (int64_t j = 0; j < n; ++j) {
-          s.best_z[b * n + j] = s.z[b * n + j];
-          s.best_F[b * n + j] = s.F[b * n + j];
-        }
-      }
-      if (!finite) st |= kNonfinite;
-      if (!finite || res > c.divergence_ratio * std::max(first, c.tol)) st |= kBlowup;
-      if (finite && measure <= std::max(floor, c.tol)) st = (st | kConverged) & ~kActive;
-      s.nstep[b] += 1;
-    }
-    s.status[b] = uint8_t(st);
-    s.active += (st & kActive) != 0;
-    s.blowup += (st & kBlowup) != 0;
-    s.mask[b] = (st & (kActive | kFallback)) == kActive;
-  }
-}
-
-bool close(double got, double want) {
-  if (std::isnan(got) || std::isnan(want)) return std::isnan(got) && std::isnan(want);
-  return got == want || std::abs(got - want) <= 1e-12 * std::abs(want);
-}
-
-void run_case(int64_t B, int64_t n, bool relative, at::ScalarType dtype, uint64_t seed) {
-  char name[120];
-  std::snprintf(name, sizeof name, "%s B=%ld n=%ld %s", c10::toString(dtype), long(B), long(n),
-                relative ? "rel" : "abs");
-  at::manual_seed(seed);
-  const auto f64 = at::TensorOptions().dtype(at::kDouble);
-  // Residual norms from 1e-6 to 10 around tol = 1e-3; best measures from 1e-5 to 1.
-  auto z = at::randn({B, n}, f64);
-  auto F = at::randn({B, n}, f64) * at::pow(10.0, at::randint(-6, 2, {B, 1}, f64)) /
-           std::sqrt(double(n));
-  if (B > 2) F[B / 3].fill_(std::nan(""));
-  if (B > 4) F[B / 4][0].fill_(INFINITY);
-  auto best = at::empty({4, B}, f64);
-  best[0].copy_(at::pow(10.0, at::randint(-5, 1, {B}, f64)));
-  best[1].copy_(best[0]);
-  best[2].copy_(0.1 * at::pow(10.0, at::randint(-1, 2, {B}, f64)));
-  best[3].copy_(at::rand({B}, f64));
-  auto status = at::full({B}, kActive, at::kByte);
-  status.masked_fill_(at::rand({B}) < 0.2, kConverged);
-  status.bitwise_or_(at::where(at::rand({B}) < 0.2, kFallback, 0).to(at::kByte));
-  status.bitwise_or_(at::where(at::rand({B}) < 0.1, kBlowup, 0).to(at::kByte));
-  auto nstep = at::randint(0, 5, {B}, at::kLong);
-  auto best_z = at::randn({B, n}, f64), best_F = at::randn({B, n}, f64);
-  // Inputs in the op's dtype; the oracle works on their values in double.
-  z = z.to(dtype), F = F.to(dtype), best_z = best_z.to(dtype), best_F = best_F.to(dtype);
-
-  State want{values(z), values(F), values(best_z), values(best_F), values(best),
-             values<uint8_t>(status), values<int64_t>(nstep)};
-  const Settings c{1e-3, 1e-7, 10.0, relative};
-  naive_track(want, B, n, c);
-
-  at::Tensor counts, mask;
-  try {
-    std::tie(counts, mask) = impflow::solver_track(z, F, best_z, best_F, best, status, nstep,
-                                                   c.tol, c.floor_scale, c.divergence_ratio,
-                                                   c.relative);
-  } catch (const c10::Error& e) {
-    return report(false, name, std::string("threw: ") + e.what_without_backtrace());
-  }
-  std::string why;
-  const auto got_status = values<uint8_t>(status);
-  const auto got_nstep = values<int64_t>(nstep);
-  const auto got_mask = values<bool>(mask);
-  const auto got_best = values(best);
-  const auto got_z = values(best_z);
-  const auto got_F = values(best_F);
-  for (int64_t b = 0; b < B && why.empty(); ++b) {
-    const std::string at_b = " at b=" + std::to_string(b);
-    if (got_status[b] != want.status[b])
-      why = "status " + std::to_string(got_status[b]) + " want " +
-            std::to_string(want.status[b]) + at_b;
-    else if (got_nstep[b] != want.nstep[b])
-      why = "nstep" + at_b;
-    else if (got_mask[b] != bool(want.mask[b]))
-      why = "mask" + at_b;
-    for (int r = 0; r < 4 && why.empty(); ++r)
-      if (!close(got_best[r * B + b], want.best[r * B + b]))
-        why = "best row " + std::to_string(r) + at_b;
-    for (int64_t j = 0; j < n && why.empty(); ++j)
-      if (!close(got_z[b * n + j], want.best_z[b * n + j]) ||
-          !close(got_F[b * n + j], want.best_F[b * n + j]))
-        why = "best iterate" + at_b;
-  }
-  if (why.empty() && (counts[0].item<int64_t>() != want.active ||
-                      counts[1].item<int64_t>() != want.blowup))
-    why = "counts [" + std::to_string(counts[0].item<int64_t>()) + ", " +
-          std::to_string(counts[1].item<int64_t>()) + "] want [" + std::to_string(want.active) +
-          ", " + std::to_string(want.blowup) + "]";
-  report(why.empty(), name, why);
-}
-
-}  // namespace
+#include "solver_track_cases.h"
 
 int main() {
   uint64_t seed = 0;
@@ -166,6 +17,7 @@ int main() {
   for (auto dtype : {at::kFloat, at::kDouble})
     for (int64_t B : {1, 7, 600, 3001})
       for (int64_t n : {1, 2, 3, 4, 9, 64})
-        for (bool relative : {false, true}) run_case(B, n, relative, dtype, ++seed);
+        for (bool relative : {false, true})
+          impflow_test::run_case(B, n, relative, dtype, ++seed, impflow::solver_track);
   return impflow_test::finish();
 }
