@@ -97,6 +97,25 @@ inline std::string name_of(const Case& c, at::ScalarType dtype) {
   return buf;
 }
 
+// The corners of the definition every kernel must get right (small sizes).
+inline std::vector<Case> basic_cases() {
+  return {
+      {1, 1, 1, 0, 0, "all", false},        // smallest everything, empty history
+      {1, 1, 1, 1, 0, "all", false},        // m = 1: the only slot is replaced every step
+      {3, 4, 1, 2, 2, "all", false},        // d = 1
+      {4, 5, 7, 0, 0, "all", false},        // n_valid = 0: H = -I
+      {4, 5, 7, 3, 3, "alternate", false},  // ring filling, masked samples
+      {5, 6, 9, 6, 3, "all", false},        // full ring, slot in the middle
+      {5, 6, 9, 6, 0, "alternate", false},  // full ring, first slot
+      {5, 6, 9, 6, 5, "all", false},        // full ring, last slot
+      {3, 4, 6, 4, 2, "none", false},       // every sample inactive
+      {0, 3, 5, 0, 0, "all", false},        // empty batch
+      {3, 5, 6, 5, 2, "alternate", true},   // dz = 0, full ring: slot zeroed, step w/o slot
+      {3, 5, 6, 2, 2, "all", true},         // dz = 0 while filling
+      {2, 1, 3, 1, 0, "all", true},         // dz = 0, m = 1: step = F
+  };
+}
+
 // The op under test: impflow::broyden_step, or the CUDA launch code on the SIMT emulator.
 using StepOp = std::function<at::Tensor(at::Tensor& U, at::Tensor& V, const at::Tensor& dz,
                                         const at::Tensor& dF, const at::Tensor& F,

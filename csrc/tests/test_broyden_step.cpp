@@ -63,21 +63,9 @@ void run_argument_checks() {
 
 int main() {
   at::manual_seed(0);
-  const std::vector<Case> cases = {
-      {1, 1, 1, 0, 0, "all", false},     // smallest everything, empty history
-      {1, 1, 1, 1, 0, "all", false},     // m = 1: the only slot is replaced every step
-      {3, 4, 1, 2, 2, "all", false},     // d = 1
-      {4, 5, 7, 0, 0, "all", false},     // n_valid = 0: H = -I
-      {4, 5, 7, 3, 3, "alternate", false},  // ring filling, masked samples
-      {5, 6, 9, 6, 3, "all", false},     // full ring, slot in the middle
-      {5, 6, 9, 6, 0, "alternate", false},  // full ring, first slot
-      {5, 6, 9, 6, 5, "all", false},     // full ring, last slot
-      {3, 4, 6, 4, 2, "none", false},    // every sample inactive
+  std::vector<Case> cases = impflow_test::basic_cases();
+  cases.insert(cases.end(), {
       {40, 8, 128, 8, 5, "alternate", false},  // several parallel_for chunks
-      {0, 3, 5, 0, 0, "all", false},     // empty batch
-      {3, 5, 6, 5, 2, "alternate", true},  // dz = 0, full ring: slot zeroed, step w/o slot
-      {3, 5, 6, 2, 2, "all", true},      // dz = 0 while filling
-      {2, 1, 3, 1, 0, "all", true},      // dz = 0, m = 1: step = F
       // Batch-minor histories, d <= 4 (the AVX-512 kernel where the CPU has it): B = 37 is two
       // full vector blocks and a partial one; 9001 and 3001 (full histories) are cut between
       // two threads inside a block.
@@ -89,7 +77,7 @@ int main() {
       {9001, 30, 1, 30, 7, "alternate", false, true},
       {3001, 30, 4, 30, 29, "all", false, true},
       {37, 5, 2, 5, 1, "alternate", true, true},  // dz = 0: the dropped update
-  };
+  });
   at::set_num_threads(2);
   const impflow_test::StepOp op = [](at::Tensor& U, at::Tensor& V, const at::Tensor& dz,
                                      const at::Tensor& dF, const at::Tensor& F,

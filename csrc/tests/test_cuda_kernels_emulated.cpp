@@ -94,20 +94,8 @@ impflow_test::TrackOp emulated_track(int group) {
 }
 
 void run_step_cases() {
-  const std::vector<Case> cases = {
-      {1, 1, 1, 0, 0, "all", false},        // smallest everything, empty history
-      {1, 1, 1, 1, 0, "all", false},        // m = 1: the only slot is replaced every step
-      {3, 4, 1, 2, 2, "all", false},        // d = 1
-      {4, 5, 7, 0, 0, "all", false},        // n_valid = 0: H = -I
-      {4, 5, 7, 3, 3, "alternate", false},  // ring filling, masked samples
-      {5, 6, 9, 6, 3, "all", false},        // full ring, slot in the middle
-      {5, 6, 9, 6, 0, "alternate", false},  // full ring, first slot
-      {5, 6, 9, 6, 5, "all", false},        // full ring, last slot
-      {3, 4, 6, 4, 2, "none", false},       // every sample inactive
-      {0, 3, 5, 0, 0, "all", false},        // empty batch
-      {3, 5, 6, 5, 2, "alternate", true},   // dz = 0, full ring: slot zeroed, step w/o slot
-      {3, 5, 6, 2, 2, "all", true},         // dz = 0 while filling
-      {2, 1, 3, 1, 0, "all", true},         // dz = 0, m = 1: step = F
+  std::vector<Case> cases = impflow_test::basic_cases();
+  cases.insert(cases.end(), {
       // Sizes around the CUDA shapes: a warp's width and one more; more than 128 and 1024
       // elements (several passes of a group); 700 and 1100: two and three chunks of 512 for
       // the split kernels, the last one partial; 17 samples: three blocks of 8 groups of 32.
@@ -118,7 +106,7 @@ void run_step_cases() {
       // Batch-minor histories, as the CPU solver allocates them for d <= 4.
       {17, 5, 3, 5, 4, "alternate", false, true},
       {9, 5, 2, 3, 3, "all", false, true},
-  };
+  });
   const std::pair<impflow::StepKernel, const char*> kernels[] = {
       {impflow::StepKernel::kGroup32, "emulated CUDA step, 32 per sample: "},
       {impflow::StepKernel::kGroup128, "emulated CUDA step, 128 per sample: "},
