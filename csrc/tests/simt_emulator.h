@@ -14,9 +14,11 @@
 //   * a shuffle with a full mask while lanes of the warp returned, or with different offsets;
 //   * writes past the launch's dynamic shared memory (guard bytes after it);
 //   * reads of dynamic shared memory never written: it starts as NaN bytes (0xFF), which the
-//     results would carry.
-// It does not see data races within a phase, timing, or anything about code generation: it
-// checks the kernels' logic (indices, passes, barriers, launch arithmetic), not the GPU.
+//     results would carry;
+//   * a missing barrier, most of the time: the shuffled order runs a reader before its writer.
+//     (Removing any one of the step's and the bookkeeping's six barriers fails cases.)
+// It proves no absence of data races, and sees nothing of timing or code generation: it checks
+// the kernels' logic (indices, passes, barriers, launch arithmetic), not the GPU.
 #pragma once
 
 #include <ucontext.h>
