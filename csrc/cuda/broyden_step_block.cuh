@@ -95,8 +95,8 @@ void launch(const Launch& launch_kernel, at::Tensor& U, at::Tensor& V, const at:
   launch_kernel(dim3(unsigned(blocks)), dim3(kBlockThreads), smem,
                 broyden_step_kernel<scalar_t, GROUP>, U.data_ptr<scalar_t>(),
                 V.data_ptr<scalar_t>(), dz.data_ptr<scalar_t>(), dF.data_ptr<scalar_t>(),
-                F.data_ptr<scalar_t>(), active.data_ptr<bool>(), step.data_ptr<scalar_t>(), B, m,
-                d, n_valid, slot, U.stride(0), U.stride(1), U.stride(2));
+                F.data_ptr<scalar_t>(), active.data_ptr<bool>(), step.data_ptr<scalar_t>(), B, m, d,
+                n_valid, slot, U.stride(0), U.stride(1), U.stride(2));
 }
 
 }  // namespace block_step

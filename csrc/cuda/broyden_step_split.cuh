@@ -122,8 +122,8 @@ void launch(const Launch& launch_kernel, at::Tensor& U, at::Tensor& V, const at:
   launch_kernel(grid, dim3(kThreads), size_t(n_dots) * sizeof(acc_t), update_kernel<scalar_t>,
                 U.data_ptr<scalar_t>(), V.data_ptr<scalar_t>(), dz.data_ptr<scalar_t>(),
                 dF.data_ptr<scalar_t>(), F.data_ptr<scalar_t>(), active.data_ptr<bool>(),
-                static_cast<const acc_t*>(partial.data_ptr<acc_t>()), step.data_ptr<scalar_t>(),
-                d, int(chunks), n_valid, slot, U.stride(0), U.stride(1), U.stride(2));
+                partial.data_ptr<acc_t>(), step.data_ptr<scalar_t>(), d, int(chunks), n_valid, slot,
+                U.stride(0), U.stride(1), U.stride(2));
 }
 
 }  // namespace split_step

@@ -109,8 +109,7 @@ void launch_track(const Launch& launch_kernel, const at::Tensor& z, const at::Te
   const int64_t blocks = (B + kGroupsPerBlock - 1) / kGroupsPerBlock;
   TORCH_CHECK(blocks <= int64_t(std::numeric_limits<int>::max()), "solver_track: batch too large");
   launch_kernel(dim3(unsigned(blocks)), dim3(kBlockThreads), 0, track_kernel<scalar_t, GROUP>,
-                static_cast<const scalar_t*>(z.data_ptr<scalar_t>()),
-                static_cast<const scalar_t*>(F.data_ptr<scalar_t>()), best_z.data_ptr<scalar_t>(),
+                z.data_ptr<scalar_t>(), F.data_ptr<scalar_t>(), best_z.data_ptr<scalar_t>(),
                 best_F.data_ptr<scalar_t>(), best.data_ptr<double>(), status.data_ptr<uint8_t>(),
                 nstep.data_ptr<int64_t>(), B, n, s);
 }
@@ -145,7 +144,7 @@ std::tuple<at::Tensor, at::Tensor> solver_track_launch(
   const int threads = 256;
   const int64_t blocks = std::min<int64_t>((B + threads - 1) / threads, 1024);
   launch_kernel(dim3(unsigned(blocks)), dim3(threads), 0, mask_and_counts_kernel,
-                static_cast<const uint8_t*>(status.data_ptr<uint8_t>()), mask.data_ptr<bool>(),
+                status.data_ptr<uint8_t>(), mask.data_ptr<bool>(),
                 reinterpret_cast<unsigned long long*>(counts.data_ptr<int64_t>()), B);
   return {counts, mask};
 }

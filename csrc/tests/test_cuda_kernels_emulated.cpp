@@ -1,12 +1,14 @@
 // The CUDA ops' launch code and kernels, compiled for the CPU and run on the SIMT emulator
-// (simt_emulator.h) against the same naive oracles as the CPU kernels: on a machine without a
-// GPU this checks their logic (indices, passes, barriers, shared-memory sizes, the choice and
-// arithmetic of the launches). It says nothing about the GPU itself: code generation, races
-// within a phase, speed. `pytest -m cuda` on a GPU remains the test of the CUDA build.
+// (simt_emulator.h): on a machine without a GPU this checks their logic (indices, passes,
+// barriers, shared-memory sizes, the choice and arithmetic of the launches). It says nothing
+// about the GPU itself: code generation, races within a phase, speed. `pytest -m cuda` on a
+// GPU remains the test of the CUDA build.
 //
-// Each op runs with every kernel variant forced (the one-block step with 32, 128 and 256
-// threads per sample, the split step; the bookkeeping with each group size), each on U, V or
-// the bookkeeping buffers placed inside guard zones that must come back untouched.
+// The solver's ops (broyden_step, solver_track) are checked against the naive oracles of the
+// CPU tests, with every kernel variant forced (the one-block step with 32, 128 and 256 threads
+// per sample, the split step; the bookkeeping with each group size), their in-place buffers
+// inside guard zones that must come back untouched. power_iteration and mlp_vjp_series (with
+// its backward) are checked against the CPU ops, which pytest checks against the references.
 // The last line printed is "N passed, N failed"; the exit status is non-zero on any failure.
 #include "simt_emulator.h"  // first: it defines the CUDA keywords for the kernel headers
 
@@ -22,6 +24,10 @@
 #include "broyden_step_cases.h"
 #include "broyden_step_launch.cuh"
 #include "check.h"
+#include "impflow/mlp_vjp_series_steps.h"
+#include "impflow/ops.h"
+#include "mlp_vjp_series_kernels.cuh"
+#include "power_iteration_kernels.cuh"
 #include "solver_track_cases.h"
 #include "solver_track_kernels.cuh"
 
@@ -169,6 +175,132 @@ void run_track_cases() {
                              "emulated CUDA track, default group: ");
 }
 
+// ||got - want|| / ||want|| in double (0 when both vanish).
+double rel_error(const at::Tensor& got, const at::Tensor& want) {
+  const auto g = got.to(at::kDouble), w = want.to(at::kDouble);
+  const double scale = w.norm().item<double>();
+  const double err = (g - w).norm().item<double>();
+  return scale == 0 ? err : err / scale;
+}
+
+void expect_close(const std::string& name, const std::vector<at::Tensor>& got,
+                  const std::vector<at::Tensor>& want, double tol) {
+  std::string why;
+  for (size_t i = 0; i < got.size() && why.empty(); ++i) {
+    const double err = rel_error(got[i], want[i]);
+    if (!(err <= tol))
+      why = "output " + std::to_string(i) + ": relative error " + std::to_string(err);
+  }
+  report(why.empty(), name, why);
+}
+
+double tol_for(at::ScalarType dtype) { return dtype == at::kFloat ? 2e-5 : 1e-12; }
+
+void run_power_iteration_cases() {
+  const std::vector<std::pair<int64_t, int64_t>> shapes = {{1, 1}, {3, 5}, {64, 33},
+                                                           {300, 7}, {7, 300}, {257, 1}};
+  for (auto dtype : {at::kFloat, at::kDouble}) {
+    for (int64_t n_iterations : {0, 1, 7}) {
+      std::vector<at::Tensor> weights, us, vs;
+      for (const auto& [rows, cols] : shapes) {
+        weights.push_back(at::randn({rows, cols}, dtype));
+        us.push_back(at::randn({rows}, dtype).div_(std::sqrt(double(rows))));
+        vs.push_back(at::randn({cols}, dtype).div_(std::sqrt(double(cols))));
+      }
+      weights.push_back(at::randn({9, 12}, dtype).t());  // a transposed (strided) weight
+      us.push_back(at::randn({12}, dtype));
+      vs.push_back(at::randn({9}, dtype));
+      std::vector<at::Tensor> us_cpu, vs_cpu;
+      std::vector<Guarded> us_emu, vs_emu;
+      for (size_t l = 0; l < weights.size(); ++l) {
+        us_cpu.push_back(us[l].clone()), vs_cpu.push_back(vs[l].clone());
+        us_emu.emplace_back(us[l]), vs_emu.emplace_back(vs[l]);
+      }
+      std::vector<at::Tensor> us_views, vs_views;
+      for (size_t l = 0; l < weights.size(); ++l)
+        us_views.push_back(us_emu[l].view), vs_views.push_back(vs_emu[l].view);
+      const std::string name = std::string("emulated CUDA power_iteration: ") +
+                               c10::toString(dtype) + " n_iterations=" +
+                               std::to_string(n_iterations);
+      try {
+        const auto want = impflow::power_iteration(weights, us_cpu, vs_cpu, n_iterations);
+        const auto got =
+            impflow::power_iteration_launch(EmulatedLaunch{}, weights, us_views, vs_views,
+                                            n_iterations);
+        bool intact = true;
+        for (size_t l = 0; l < weights.size(); ++l)
+          intact = intact && us_emu[l].intact() && vs_emu[l].intact();
+        if (!intact) {
+          report(false, name, "a write outside u or v");
+          continue;
+        }
+        std::vector<at::Tensor> g{got}, w{want};
+        for (size_t l = 0; l < weights.size(); ++l) {
+          g.push_back(us_views[l]), w.push_back(us_cpu[l]);
+          g.push_back(vs_views[l]), w.push_back(vs_cpu[l]);
+        }
+        expect_close(name, g, w, 10 * tol_for(dtype));
+      } catch (const std::exception& e) {
+        report(false, name, std::string("threw: ") + e.what());
+      }
+    }
+  }
+}
+
+using EmulatedSeriesKernels = impflow::vjp_series::DeviceKernels<EmulatedLaunch>;
+
+// An MLP's weights and activation derivatives for mlp_vjp_series, of per-sample size d.
+struct SeriesCase {
+  int64_t B, d, hidden, layers, n_terms;
+};
+
+void run_vjp_series_case(const SeriesCase& c, at::ScalarType dtype) {
+  char buf[160];
+  std::snprintf(buf, sizeof buf, "emulated CUDA mlp_vjp_series: %s B=%ld d=%ld hidden=%ld "
+                "layers=%ld n_terms=%ld", c10::toString(dtype), long(c.B), long(c.d),
+                long(c.hidden), long(c.layers), long(c.n_terms));
+  const std::string name = buf;
+  std::vector<at::Tensor> weights, act_derivs;
+  for (int64_t i = 0; i < c.layers; ++i) {
+    const int64_t in = i == 0 ? c.d : c.hidden, out = i == c.layers - 1 ? c.d : c.hidden;
+    weights.push_back(at::randn({out, in}, dtype).div_(std::sqrt(double(in))));
+    if (i < c.layers - 1) act_derivs.push_back(at::rand({c.B, out}, dtype));
+  }
+  const auto v = at::randn({c.B, c.d}, dtype);
+  const auto coeffs = at::randn({c.n_terms}, dtype);
+  try {
+    const auto [p_cpu, t_cpu, s_cpu] =
+        impflow::mlp_vjp_series(weights, act_derivs, v, coeffs, c.n_terms);
+    const auto [p_emu, t_emu, s_emu] = impflow::mlp_vjp_series_forward<EmulatedSeriesKernels>(
+        weights, act_derivs, v, coeffs, c.n_terms);
+    expect_close(name + " forward", {p_emu, t_emu, s_emu}, {p_cpu, t_cpu, s_cpu},
+                 10 * tol_for(dtype));
+    const auto g_products = at::randn_like(p_cpu), g_traces = at::randn_like(t_cpu);
+    const auto g_series = at::randn_like(s_cpu);
+    const auto [gw_cpu, gd_cpu, gv_cpu] = impflow::mlp_vjp_series_backward(
+        g_products, g_traces, g_series, weights, act_derivs, v, coeffs, p_cpu);
+    const auto [gw_emu, gd_emu, gv_emu] =
+        impflow::mlp_vjp_series_backward<EmulatedSeriesKernels>(
+            g_products, g_traces, g_series, weights, act_derivs, v, coeffs, p_cpu);
+    std::vector<at::Tensor> got(gw_emu), want(gw_cpu);
+    got.insert(got.end(), gd_emu.begin(), gd_emu.end());
+    want.insert(want.end(), gd_cpu.begin(), gd_cpu.end());
+    got.push_back(gv_emu), want.push_back(gv_cpu);
+    expect_close(name + " backward", got, want, 10 * tol_for(dtype));
+  } catch (const std::exception& e) {
+    report(false, name, std::string("threw: ") + e.what());
+  }
+}
+
+void run_vjp_series_cases() {
+  // d = 2 with many terms takes the explicit-Jacobian schedule, d = 40 the stepwise one; a
+  // single layer has no activation; 70 samples make several warps' worth of trace terms.
+  const std::vector<SeriesCase> cases = {
+      {1, 1, 3, 2, 1}, {7, 2, 16, 2, 8}, {5, 40, 24, 3, 3}, {70, 3, 8, 1, 4}, {33, 17, 9, 2, 2}};
+  for (auto dtype : {at::kFloat, at::kDouble})
+    for (const auto& c : cases) run_vjp_series_case(c, dtype);
+}
+
 }  // namespace
 
 int main() {
@@ -176,5 +308,7 @@ int main() {
   run_step_cases();
   run_history_limit();
   run_track_cases();
+  run_power_iteration_cases();
+  run_vjp_series_cases();
   return impflow_test::finish();
 }
