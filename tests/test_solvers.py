@@ -329,6 +329,50 @@ def test_fused_and_reference_agree_on_random_problems(case):
     torch.testing.assert_close(z_f, z_r, atol=bound, rtol=0)
 
 
+@pytest.mark.parametrize("case", range(12))
+def test_fused_and_reference_agree_when_samples_fail(case):
+    # Seeded random problems where some samples cannot converge: maps with Lipschitz constants
+    # up to 1.6 across the batch (divergence, fixed-point fallback), fn turning NaN for some
+    # samples after one or two calls, short max_iter. Both paths must flag the same samples the
+    # same way, stop them at the same step and return the same finite iterates.
+    rng = random.Random(1000 + case)
+    B, n = rng.choice([1, 17, 600]), rng.choice([1, 2, 3, 9])
+    method = rng.choice(["broyden", "broyden", "anderson", "fixed_point"])
+    gen = torch.Generator().manual_seed(case)
+    M = _orthogonal(B, n, gen) * torch.linspace(0.3, rng.uniform(1.1, 1.6), B)[:, None, None]
+    c = torch.randn(B, n, generator=gen, dtype=torch.float64) * rng.choice([0.1, 3.0])
+    poisoned = torch.rand(B, generator=gen) < 0.1
+    poisoned[0] = True  # at least one sample fails in every case
+    poison_after = rng.randint(1, 2)
+    squash = rng.choice([torch.tanh, lambda x: x])
+
+    def problem():
+        calls = []
+
+        def fn(z):
+            calls.append(1)
+            out = squash(torch.einsum("bij,bj->bi", M, z)) + c - z
+            return torch.where(poisoned[:, None] & (len(calls) > poison_after), torch.nan, out)
+
+        return fn
+
+    options = {"max_iter": rng.choice([5, 40, 200]), "tol": 1e-9}
+    options["stop_mode"] = rng.choice(["abs", "rel"])
+    if method != "fixed_point":
+        options["history"] = rng.choice([1, 3, 10])
+    z0 = torch.zeros(B, n, dtype=torch.float64)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", SolverWarning)
+        (z_f, s_f), (z_r, s_r) = [
+            METHODS[method](problem(), z0, impl=impl, **options) for impl in ("fused", "reference")
+        ]
+    assert bool(s_f.nonfinite[0]) and not bool(s_f.converged[0])  # a failure to agree on
+    for name in ("converged", "diverged", "nonfinite", "nstep"):
+        assert torch.equal(getattr(s_f, name), getattr(s_r, name)), name
+    assert bool(torch.isfinite(z_f).all())
+    torch.testing.assert_close(z_f, z_r, atol=1e-9, rtol=1e-9)
+
+
 def test_broyden_fused_and_reference_agree_step_by_step(monkeypatch):
     # Same iterates, not only the same end point: record fn's inputs for both impls.
     B, shape = 3, (10,)
