@@ -54,8 +54,9 @@ struct Guarded {
   at::Tensor storage, view, sentinel;
 
   explicit Guarded(const at::Tensor& t) {
-    int64_t span = 1;
-    for (int64_t i = 0; i < t.dim(); ++i) span += (t.size(i) - 1) * t.stride(i);
+    int64_t span = t.numel() == 0 ? 0 : 1;  // elements from the first to the last, inclusive
+    if (span)
+      for (int64_t i = 0; i < t.dim(); ++i) span += (t.size(i) - 1) * t.stride(i);
     sentinel = at::full({kGuard}, 77, t.options());
     storage = at::cat({sentinel, at::full({span}, 77, t.options()), sentinel});
     view = storage.as_strided(t.sizes(), t.strides(), kGuard);
