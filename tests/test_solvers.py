@@ -173,8 +173,9 @@ def test_z0_of_other_shapes_and_layouts(method, layout):
 def test_a_samples_solution_does_not_depend_on_its_batch(method, B, d, device, dtype):
     # Solved alone, in a slice of the batch or in the whole batch, a sample gets the same
     # iterate and step count: the kernels' vector lanes, thread splits and history layouts
-    # (batch-minor for d <= 4 on the CPU) must not leak between samples. Bitwise on the CPU;
-    # on CUDA, batched linear algebra (Anderson) may pick another algorithm per batch size.
+    # (batch-minor for d <= 4 on the CPU) must not leak between samples. Bitwise on the CPU
+    # (but see the README: not with IMPFLOW_DISABLE_AVX512=1 on an AVX-512 CPU); on CUDA,
+    # batched linear algebra (Anderson) may pick another algorithm per batch size.
     gen = torch.Generator().manual_seed(B + d)
     c = torch.randn(B, d, generator=gen, dtype=dtype).to(device)
 
