@@ -4,7 +4,6 @@ converged samples, the ring buffer, the registry, the relative stopping rule and
 precision floor of the tolerance."""
 
 import math
-import os
 import random
 import sys
 import warnings
@@ -175,10 +174,8 @@ def test_a_samples_solution_does_not_depend_on_its_batch(method, B, d, device, d
     # Solved alone, in a slice of the batch or in the whole batch, a sample gets the same
     # iterate and step count: the kernels' vector lanes, thread splits and history layouts
     # (batch-minor for d <= 4 on the CPU) must not leak between samples. Bitwise on the CPU,
-    # except for the compiler-vectorised d <= 4 step that IMPFLOW_DISABLE_AVX512=1 selects
-    # (README: its last partial vector rounds differently on an AVX-512 CPU); on CUDA,
-    # batched linear algebra (Anderson) may pick another algorithm per batch size.
-    bitwise = device == "cpu" and not (os.environ.get("IMPFLOW_DISABLE_AVX512") == "1" and d <= 4)
+    # with either step kernel for d <= 4 (IMPFLOW_DISABLE_AVX512=1 picks the compiler-vectorised
+    # one); on CUDA, batched linear algebra (Anderson) may pick another algorithm per batch size.
     gen = torch.Generator().manual_seed(B + d)
     c = torch.randn(B, d, generator=gen, dtype=dtype).to(device)
 
@@ -193,7 +190,7 @@ def test_a_samples_solution_does_not_depend_on_its_batch(method, B, d, device, d
     assert stats.all_converged
     for rows in (slice(0, 1), slice(B - 1, B), slice(B // 3, B // 3 + 17), slice(1, None, 2)):
         z_part, stats_part = solve_rows(rows)
-        if bitwise:
+        if device == "cpu":
             assert torch.equal(z_part, z[rows]), rows
             assert torch.equal(stats_part.nstep, stats.nstep[rows]), rows
         else:

@@ -138,6 +138,18 @@ struct Problem {
 
 constexpr int64_t kLanes = 512;  // samples processed side by side by the batch-minor kernel
 
+// The batch-minor kernel is compiled without fused multiply-adds: its lanes are samples, and
+// where a sample's lane lands (the loops' vector bodies, their scalar remainders, the runs the
+// vectoriser peels) depends on the batch and on the thread split. With contraction, AVX-512
+// builds fused in some of those paths and not in others: a sample's bits changed with the batch
+// and the thread count (seen with IMPFLOW_DISABLE_AVX512=1; the AVX2 and baseline builds have
+// no FMA, and the hand-written AVX-512 kernel masks its tails). Separate multiplies and adds
+// round the same in every path.
+#if defined(__GNUC__) && !defined(__clang__)
+#pragma GCC push_options
+#pragma GCC optimize("fp-contract=off")
+#endif
+
 // Batch-minor histories (U[i][j][b], contiguous along b): every loop runs along the samples,
 // so the vector lanes hold different samples and no horizontal reduction is needed. This is
 // the fast layout for small d, where a single sample is too short to fill a vector.
@@ -240,21 +252,45 @@ IMPFLOW_INLINE void samples_batch_minor(scalar_t* __restrict__ U, scalar_t* __re
   }
 }
 
-// All samples in [begin, end): the multiversioned hot loop.
+template <typename scalar_t>
+IMPFLOW_INLINE void batch_minor_range(scalar_t* U, scalar_t* V, const scalar_t* dz,
+                                      const scalar_t* dF, const scalar_t* F, const bool* active,
+                                      scalar_t* step, const Problem& p, int64_t begin,
+                                      int64_t end, scalar_t* work) {
+  switch (p.d) {
+    case 1: return samples_batch_minor<scalar_t, 1>(U, V, dz, dF, F, active, step, p, begin, end, work);
+    case 2: return samples_batch_minor<scalar_t, 2>(U, V, dz, dF, F, active, step, p, begin, end, work);
+    case 3: return samples_batch_minor<scalar_t, 3>(U, V, dz, dF, F, active, step, p, begin, end, work);
+    case 4: return samples_batch_minor<scalar_t, 4>(U, V, dz, dF, F, active, step, p, begin, end, work);
+    default: return samples_batch_minor<scalar_t, 0>(U, V, dz, dF, F, active, step, p, begin, end, work);
+  }
+}
+
+// Non-template entry points of the batch-minor kernel: GCC clones these per instruction set.
+IMPFLOW_CPU_CLONES void batch_minor_range_f32(float* U, float* V, const float* dz,
+                                              const float* dF, const float* F, const bool* active,
+                                              float* step, const Problem& p, int64_t begin,
+                                              int64_t end, float* work) {
+  batch_minor_range<float>(U, V, dz, dF, F, active, step, p, begin, end, work);
+}
+
+IMPFLOW_CPU_CLONES void batch_minor_range_f64(double* U, double* V, const double* dz,
+                                              const double* dF, const double* F,
+                                              const bool* active, double* step, const Problem& p,
+                                              int64_t begin, int64_t end, double* work) {
+  batch_minor_range<double>(U, V, dz, dF, F, active, step, p, begin, end, work);
+}
+
+#if defined(__GNUC__) && !defined(__clang__)
+#pragma GCC pop_options
+#endif
+
+// All samples in [begin, end) of contiguous histories: the multiversioned hot loop.
 template <typename scalar_t>
 IMPFLOW_INLINE void samples_range(scalar_t* U, scalar_t* V, const scalar_t* dz, const scalar_t* dF,
                                   const scalar_t* F, const bool* active, scalar_t* step,
                                   const Problem& p, int64_t begin, int64_t end,
                                   at::opmath_type<scalar_t>* rows) {
-  if (p.batch_minor) {
-    switch (p.d) {
-      case 1: return samples_batch_minor<scalar_t, 1>(U, V, dz, dF, F, active, step, p, begin, end, rows);
-      case 2: return samples_batch_minor<scalar_t, 2>(U, V, dz, dF, F, active, step, p, begin, end, rows);
-      case 3: return samples_batch_minor<scalar_t, 3>(U, V, dz, dF, F, active, step, p, begin, end, rows);
-      case 4: return samples_batch_minor<scalar_t, 4>(U, V, dz, dF, F, active, step, p, begin, end, rows);
-      default: return samples_batch_minor<scalar_t, 0>(U, V, dz, dF, F, active, step, p, begin, end, rows);
-    }
-  }
   for (int64_t b = begin; b < end; ++b) {
     if (!active[b]) {  // inactive samples take no step
       for (int64_t j = 0; j < p.d; ++j) step[b * p.d + j] = scalar_t(0);
@@ -318,6 +354,7 @@ void samples_range_any(float* U, float* V, const float* dz, const float* dF, con
 #ifdef IMPFLOW_HAVE_AVX512_STEP
   if (use_avx512_step(p)) return avx512_step<avx512::Float16>(U, V, dz, dF, F, active, step, p, begin, end);
 #endif
+  if (p.batch_minor) return batch_minor_range_f32(U, V, dz, dF, F, active, step, p, begin, end, rows);
   samples_range_f32(U, V, dz, dF, F, active, step, p, begin, end, rows);
 }
 
@@ -327,6 +364,7 @@ void samples_range_any(double* U, double* V, const double* dz, const double* dF,
 #ifdef IMPFLOW_HAVE_AVX512_STEP
   if (use_avx512_step(p)) return avx512_step<avx512::Double8>(U, V, dz, dF, F, active, step, p, begin, end);
 #endif
+  if (p.batch_minor) return batch_minor_range_f64(U, V, dz, dF, F, active, step, p, begin, end, rows);
   samples_range_f64(U, V, dz, dF, F, active, step, p, begin, end, rows);
 }
 
