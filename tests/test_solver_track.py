@@ -71,6 +71,41 @@ def test_threads_split_anywhere(n):
         torch.set_num_threads(threads)
 
 
+def rows_of(state, rows):
+    """The state of the samples `rows` (the rows of every tensor, the columns of `best`)."""
+    return [(t[:, rows] if i == 4 else t[rows]).contiguous() for i, t in enumerate(state)]
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("n", [1, 2, 3, 4, 9])
+def test_bits_do_not_depend_on_batch_or_threads(n, dtype):
+    """A sample's bookkeeping (its norms in `best` included) is the same bit for bit wherever
+    it falls in the kernel's vector lanes: 96 samples fill whole vectors, groups of 7 fill none
+    (they run in the loops' scalar remainders), and 9001 samples are cut between two threads
+    at an odd sample."""
+    names = ["counts", "mask", "best_z", "best_F", "best", "status", "nstep"]
+    threads = torch.get_num_threads()
+    try:
+        torch.set_num_threads(1)
+        state = make_state(96, n, dtype, "cpu", seed=n)
+        whole = run(solver_track, state, False)
+        groups_of_7 = [torch.arange(k, k + 7) for k in range(0, 91, 7)]
+        for rows in groups_of_7 + [torch.arange(5, 96), torch.arange(1, 96, 2)]:
+            part = run(solver_track, rows_of(state, rows), False)
+            for name, w, p in zip(names[1:], whole[1:], part[1:]):  # counts: another batch
+                w = w[:, rows] if name == "best" else w[rows]
+                assert torch.equal(w, p), f"{name} differs for samples {rows[:3].tolist()}..."
+        big = make_state(9001, n, dtype, "cpu", seed=n)
+        runs = []
+        for n_threads in (1, 2):
+            torch.set_num_threads(n_threads)
+            runs.append(run(solver_track, big, False))
+    finally:
+        torch.set_num_threads(threads)
+    for name, one, two in zip(names, *runs):
+        assert torch.equal(one, two), f"{name}: one and two threads differ"
+
+
 def assert_matches_reference(state, relative):
     out = run(solver_track, state, relative)
     ref = run(solver_track_reference, [t.cpu() for t in state], relative)

@@ -193,6 +193,7 @@ def test_a_samples_solution_does_not_depend_on_its_batch(method, B, d, device, d
         if device == "cpu":
             assert torch.equal(z_part, z[rows]), rows
             assert torch.equal(stats_part.nstep, stats.nstep[rows]), rows
+            assert torch.equal(stats_part.residual, stats.residual[rows]), rows
         else:
             torch.testing.assert_close(z_part, z[rows], atol=10 * tol, rtol=0)
 
