@@ -139,8 +139,8 @@ struct Problem {
 constexpr int64_t kLanes = 512;  // samples processed side by side by the batch-minor kernel
 
 // The batch-minor kernel is compiled without fused multiply-adds: its lanes are samples, and
-// where a sample's lane lands (the loops' vector bodies, their scalar remainders, the runs the
-// vectoriser peels) depends on the batch and on the thread split. With contraction, AVX-512
+// where a sample's lane lands (the loops' vector bodies, their scalar remainders, short
+// blocks the compiler runs in scalar code) depends on the batch and on the thread split. With contraction, AVX-512
 // builds fused in some of those paths and not in others: a sample's bits changed with the batch
 // and the thread count (seen with IMPFLOW_DISABLE_AVX512=1; the AVX2 and baseline builds have
 // no FMA, and the hand-written AVX-512 kernel masks its tails). Separate multiplies and adds
