@@ -3,6 +3,7 @@ policy) and the record of their last solves (DESIGN.md §5)."""
 
 from __future__ import annotations
 
+import torch
 from torch import nn
 
 from impflow.nn._block_settings import (
@@ -11,6 +12,20 @@ from impflow.nn._block_settings import (
     check_on_failure,
     make_logdet_estimator,
 )
+from impflow.nn._flow_common import check_finite, check_flow_tensor
+
+
+def check_block_input(u, name: str, where: str) -> None:
+    """A block's input: a finite ``(B, ...)`` tensor in float32 or float64, the dtypes of the
+    root solves (a float16 one under ``torch.autocast`` was cast up by the caller)."""
+    check_flow_tensor(u, name, where)
+    if u.dtype not in (torch.float32, torch.float64):
+        raise TypeError(
+            f"{where}: {name} must be float32 or float64, got {u.dtype} (a root in float16 or "
+            "bfloat16 cannot meet a useful tolerance; under torch.autocast such an input is "
+            "cast to float32)"
+        )
+    check_finite(u, name, where)
 
 
 def check_network(g, name: str, owner: str) -> nn.Module:

@@ -9,9 +9,10 @@ from __future__ import annotations
 
 from torch import Tensor
 
-from impflow.nn._block_base import BlockBase, check_network
+from impflow._autocast import without_autocast
+from impflow.nn._block_base import BlockBase, check_block_input, check_network
 from impflow.nn._block_settings import SolverConfig
-from impflow.nn._flow_common import check_flow_input, check_logdet_flag
+from impflow.nn._flow_common import check_logdet_flag
 from impflow.nn._frozen import power_iteration_paused
 from impflow.nn._implicit import check_result, logdet_term, solve_implicit
 
@@ -40,6 +41,10 @@ class ImplicitBlock(BlockBase):
 
     **Log-determinant**: ``log|det ∂z/∂x| = log det(I + J_{g_x}(x)) - log det(I + J_{g_z}(z))``;
     the second term is differentiated through ``z`` too (implicitly).
+
+    **Mixed precision**: under ``torch.autocast`` the block computes as without it (autocast is
+    off inside; a float16 or bfloat16 input is cast to float32 first). Outside autocast, inputs
+    must be float32 or float64.
 
     **Power iteration**: in training mode the spectral layers of ``g_x`` and ``g_z`` run their
     ``n_power_iterations`` steps once per call, before the first evaluation, and not at each of
@@ -130,7 +135,7 @@ class ImplicitBlock(BlockBase):
             g_in, g_out, names = self.g_z, self.g_x, ("g_z", "g_x", "z", "x")
             solver, fields, where = self.inverse_solver, ("inverse", "inverse_adjoint"), "inverse"
         where = f"ImplicitBlock.{where}"
-        check_flow_input(u, names[2], where)
+        check_block_input(u, names[2], where)
         with power_iteration_paused(self.g_x, self.g_z, refresh=True):
             # The input's term first: the exact log-det's evaluation of g_in(u) serves the solve.
             term_in = logdet_term(self, g_in, u, names[0], names[2], where) if logdet else None
@@ -159,10 +164,12 @@ class ImplicitBlock(BlockBase):
         check_result(y, logdet, names[3], where)
         return y, logdet
 
+    @without_autocast("x", upcast=True)
     def forward(self, x: Tensor) -> tuple[Tensor, Tensor]:
         """``(z, logdet)``: the root ``z`` of ``F(z, x) = 0`` and ``log|det ∂z/∂x|``, ``(B,)``."""
         return self._run(x, forward=True)
 
+    @without_autocast("z", upcast=True)
     def inverse(self, z: Tensor, *, logdet: bool = True) -> tuple[Tensor, Tensor | None]:
         """``(x, logdet_inv)``: the ``x`` with ``F(z, x) = 0`` and ``log|det ∂x/∂z|``
         ``= -logdet`` at that point, ``(B,)``; differentiable with respect to ``z`` and the

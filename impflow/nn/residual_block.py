@@ -12,8 +12,9 @@ from __future__ import annotations
 
 from torch import Tensor
 
-from impflow.nn._block_base import BlockBase, check_network
-from impflow.nn._flow_common import check_flow_input, check_logdet_flag
+from impflow._autocast import without_autocast
+from impflow.nn._block_base import BlockBase, check_block_input, check_network
+from impflow.nn._flow_common import check_logdet_flag
 from impflow.nn._frozen import power_iteration_paused
 from impflow.nn._implicit import call_net, check_result, logdet_term, solve_implicit
 
@@ -29,6 +30,8 @@ class ResidualBlock(BlockBase):
     parameters through the adjoint ``aᵀ (I + J_g(x)) = ∂L/∂x``, as in :class:`ImplicitBlock`.
     In one dimension its slope ``1 + g'(x)`` lies in ``(1 - c, 1 + c) ⊂ (0, 2)`` for
     ``Lip(g) ≤ c < 1``.
+
+    Under ``torch.autocast`` the block computes as without it, as :class:`ImplicitBlock`.
 
     Args:
         g: network ``(B, ...) -> (B, ...)`` with ``Lip < 1``, samples independent,
@@ -69,10 +72,11 @@ class ResidualBlock(BlockBase):
     def extra_repr(self) -> str:
         return self._settings_repr()
 
+    @without_autocast("x", upcast=True)
     def forward(self, x: Tensor) -> tuple[Tensor, Tensor]:
         """``(z, logdet)`` with ``z = x + g(x)`` and ``logdet = log det(I + J_g(x))``, ``(B,)``."""
         where = "ResidualBlock.forward"
-        check_flow_input(x, "x", where)
+        check_block_input(x, "x", where)
         with power_iteration_paused(self.g, refresh=True):
             term = logdet_term(self, self.g, x, "g", "x", where)
             # The exact log-det evaluated g(x) (with graph) already.
@@ -82,6 +86,7 @@ class ResidualBlock(BlockBase):
         check_result(z, term.value, "z", where)
         return z, term.value
 
+    @without_autocast("z", upcast=True)
     def inverse(self, z: Tensor, *, logdet: bool = True) -> tuple[Tensor, Tensor | None]:
         """``(x, logdet_inv)``: the root ``x`` of ``z - g(x) - x = 0`` and
         ``-log det(I + J_g(x))``, ``(B,)``.
@@ -90,7 +95,7 @@ class ResidualBlock(BlockBase):
         :meth:`ImplicitBlock.inverse`)."""
         where = "ResidualBlock.inverse"
         check_logdet_flag(logdet, where)
-        check_flow_input(z, "z", where)
+        check_block_input(z, "z", where)
         with power_iteration_paused(self.g, refresh=True):
             x, adjoint_state = solve_implicit(
                 None,

@@ -1,5 +1,8 @@
 """Batched root finders with one signature: ``solver(fn, z0, *, max_iter, tol, stop_mode,
-...) -> (z, SolverStats)`` (DESIGN.md §2)."""
+...) -> (z, SolverStats)`` (DESIGN.md §2).
+
+Each runs with ``torch.autocast`` off on ``z0``'s device, ``fn`` included (impflow/_autocast.py);
+``fn`` may turn it on inside itself and cast its output back to ``z0``'s dtype."""
 
 import inspect
 

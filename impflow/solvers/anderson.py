@@ -2,6 +2,7 @@
 
 import torch
 
+from impflow._autocast import without_autocast
 from impflow.ops.track import ACTIVE, FALLBACK
 from impflow.solvers._common import (
     FlatFunction,
@@ -15,6 +16,7 @@ from impflow.solvers._common import (
 __all__ = ["anderson"]
 
 
+@without_autocast("z0")
 @torch.no_grad()
 def anderson(
     fn,

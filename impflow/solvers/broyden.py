@@ -4,6 +4,7 @@ import contextlib
 
 import torch
 
+from impflow._autocast import without_autocast
 from impflow.ops.broyden import broyden_step
 from impflow.ops.reference import broyden_step_reference
 from impflow.ops.track import ACTIVE, FALLBACK
@@ -48,6 +49,7 @@ def _solve_histories(B, n, m, dtype, device, impl):
     return contextlib.nullcontext(broyden_history(B, n, m, dtype, device, impl))
 
 
+@without_autocast("z0")
 @torch.no_grad()
 def broyden(
     fn,

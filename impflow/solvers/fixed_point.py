@@ -2,12 +2,14 @@
 
 import torch
 
+from impflow._autocast import without_autocast
 from impflow.ops.track import ACTIVE, BLOWUP, DIVERGED
 from impflow.solvers._common import FlatFunction, Tracker, check_common_args, check_impl, flat_start
 
 __all__ = ["fixed_point"]
 
 
+@without_autocast("z0")
 @torch.no_grad()
 def fixed_point(
     fn,

@@ -8,6 +8,7 @@ import math
 import torch
 from torch import nn
 
+from impflow._autocast import autocast_off
 from impflow.nn.spectral._checks import _check_n_iterations, _check_tol
 
 # Power-iteration steps run when u and v are first set up (at construction for SpectralLinear,
@@ -64,7 +65,12 @@ class _SpectralNormMixin:
             0-dim tensor, differentiable with respect to ``weight``.
         """
         self._require_ready()
-        return self._sigma_from(self.u.clone(), self.v.clone())
+        return self._stored_vector_sigma()
+
+    def _stored_vector_sigma(self) -> torch.Tensor:
+        # In float32 under autocast too: σ rounded down in bfloat16 would let Lip(g) reach 1.
+        with autocast_off(self.weight.device.type):
+            return self._sigma_from(self.u.clone(), self.v.clone())
 
     def normalized_weight(self) -> torch.Tensor:
         """``W / max(1, σ / coeff)`` with ``σ`` from the stored vectors (no iteration).
@@ -100,7 +106,7 @@ class _SpectralNormMixin:
             return cache[key]
         # σ is computed from copies, so that a later in-place update of the buffers (the next
         # training forward) cannot invalidate the graph of this one.
-        weight = self._normalize_weight(self._sigma_from(self.u.clone(), self.v.clone()))
+        weight = self._normalize_weight(self._stored_vector_sigma())
         if cache is not None:
             cache[key] = weight
         return weight

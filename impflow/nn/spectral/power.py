@@ -17,6 +17,7 @@ import math
 import torch
 import torch.nn.functional as F
 
+from impflow._autocast import without_autocast
 from impflow.ops.power import power_iteration
 
 __all__ = ["power_iteration_conv2d", "power_iteration_dense"]
@@ -33,6 +34,7 @@ def _small_change(new: torch.Tensor, old: torch.Tensor, atol: float, rtol: float
     return bool(err < atol + rtol * new.abs().max())
 
 
+@without_autocast("weight")
 def power_iteration_dense(
     weight: torch.Tensor,
     u: torch.Tensor,
@@ -74,6 +76,7 @@ def power_iteration_dense(
     return u, v, steps
 
 
+@without_autocast("weight")
 def power_iteration_conv2d(
     weight: torch.Tensor,
     u: torch.Tensor,
