@@ -89,6 +89,8 @@ def broyden(
     Returns:
         ``(z, stats)``: the lowest-residual iterate of each sample, shape of ``z0``, and a
         :class:`SolverStats`. Converged samples stop changing and drop out of the update.
+        ``z`` has no graph (the solve runs under ``no_grad`` and with autocast off); the
+        blocks of :mod:`impflow.nn` differentiate through their roots by the adjoint method.
 
     References:
         Broyden. A class of methods for solving nonlinear simultaneous equations. 1965.
