@@ -14,6 +14,7 @@
 set -uo pipefail
 out="${1:?usage: scripts/gpu_check.sh OUT_DIR}"
 mkdir -p "$out"
+out="$(cd "$out" && pwd)"  # absolute: the script changes directory next
 cd "$(dirname "$0")/.."
 py="${PYTHON:-python3}"
 export PYTHONUNBUFFERED=1 FORCE_CUDA=1 MAX_JOBS="${MAX_JOBS:-16}"
