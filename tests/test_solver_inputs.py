@@ -216,15 +216,15 @@ def test_bad_damping(damping):
         fixed_point(contraction, z0_like(), damping=damping)
 
 
-@pytest.mark.parametrize("mixing", [0, -0.5, 1.5, math.nan])
+@pytest.mark.parametrize("mixing", [0, -0.5, 1.5, math.nan, True, "0.5", None])
 def test_bad_mixing(mixing):
     with pytest.raises(ValueError, match="mixing must be a number in \\(0, 1\\]"):
         anderson(contraction, z0_like(), mixing=mixing)
 
 
-@pytest.mark.parametrize("regularization", [-1e-8, math.nan])
+@pytest.mark.parametrize("regularization", [-1e-8, math.nan, math.inf, True, "1e-8"])
 def test_bad_regularization(regularization):
-    with pytest.raises(ValueError, match="regularization must be a number >= 0"):
+    with pytest.raises(ValueError, match="regularization must be a finite number >= 0"):
         anderson(contraction, z0_like(), regularization=regularization)
 
 

@@ -228,7 +228,8 @@ def test_float32_default_tol(method, shape):
 
 @pytest.mark.parametrize("d", [2, 3, 5])
 def test_broyden_matches_scipy_root(d):
-    scipy_optimize = pytest.importorskip("scipy.optimize")
+    import scipy.optimize as scipy_optimize  # a test requirement: never skipped
+
     B = 4
     gen = torch.Generator().manual_seed(100 + d)
     M = 0.9 * _orthogonal(B, d, gen)
@@ -443,6 +444,37 @@ def test_converged_samples_stop_changing(method):
             f"sample {b} moved after converging"
         )
         assert torch.equal(z[b], inputs[k, b])
+
+
+def test_anderson_combines_the_active_samples_only(monkeypatch):
+    # 6 of 8 samples start at their roots: the least-squares combination sees the other two
+    # only, and solves them as it would alone.
+    module = sys.modules["impflow.solvers.anderson"]
+    combine, rows_seen = module._anderson_combination, []
+
+    def recording(Z, R, *args):
+        rows_seen.append(R.shape[0])
+        return combine(Z, R, *args)
+
+    monkeypatch.setattr(module, "_anderson_combination", recording)
+    fn, z_star, _ = contraction_problem(8, (5,), 0.9, seed=7)
+    z0 = z_star.clone()
+    z0[[2, 5]] = 0
+    z, stats = anderson(fn, z0, max_iter=100, tol=1e-10)
+    assert stats.all_converged, stats.summary()
+    assert rows_seen and max(rows_seen) == 2  # and 1 once the first of them is done
+    rows_seen.clear()
+    alone, alone_stats = anderson(lambda t: fn_rows(fn, t, [2, 5], 8), z0[[2, 5]], tol=1e-10)
+    assert max(rows_seen) == 2
+    assert torch.equal(z[[2, 5]], alone)
+    assert torch.equal(stats.nstep[[2, 5]], alone_stats.nstep)
+
+
+def fn_rows(fn, t, rows, B):
+    """``fn`` of a sub-batch: ``t`` placed at ``rows`` of a full batch (others zero)."""
+    full = torch.zeros(B, *t.shape[1:], dtype=t.dtype)
+    full[rows] = t
+    return fn(full)[rows]
 
 
 @pytest.mark.parametrize("method", sorted(METHODS))

@@ -1,5 +1,8 @@
 """Batched Anderson acceleration (type II, with mixing) of ``z <- z + fn(z)``."""
 
+import math
+import numbers
+
 import torch
 
 from impflow._autocast import without_autocast
@@ -55,10 +58,10 @@ def anderson(
     check_common_args(z0, max_iter, tol, stop_mode, divergence_ratio)
     check_history(history)
     check_impl(impl)
-    if not isinstance(mixing, (int, float)) or not 0 < mixing <= 1:
+    if not _is_number(mixing) or not 0 < mixing <= 1:
         raise ValueError(f"mixing must be a number in (0, 1], got {mixing!r}")
-    if not isinstance(regularization, (int, float)) or not regularization >= 0:
-        raise ValueError(f"regularization must be a number >= 0, got {regularization!r}")
+    if not _is_number(regularization) or not 0 <= regularization < math.inf:
+        raise ValueError(f"regularization must be a finite number >= 0, got {regularization!r}")
     f = FlatFunction(fn, z0)
     z = flat_start(z0)
     F = f(z)
@@ -72,10 +75,20 @@ def anderson(
     for k in range(max_iter):
         if not track.n_active:
             break
-        slot = k % history
-        Z[:, slot], R[:, slot] = z, F
-        count = min(k + 1, history)
-        z_next = _anderson_combination(Z[:, :count], R[:, :count], slot, mixing, regularization)
+        slot, count = k % history, min(k + 1, history)
+        if 2 * track.n_active > B:
+            Z[:, slot], R[:, slot] = z, F
+            z_next = _anderson_combination(Z[:, :count], R[:, :count], slot, mixing, regularization)
+        else:
+            # Done samples stop costing work: the histories and the least-squares combination
+            # of the active ones only (a sample that is done never becomes active again).
+            # Gathering them costs about one pass over their histories, so below half the batch.
+            rows = active.nonzero().squeeze(1)
+            Z[rows, slot], R[rows, slot] = z[rows], F[rows]
+            z_next = z.clone()
+            z_next[rows] = _anderson_combination(
+                Z[rows, :count], R[rows, :count], slot, mixing, regularization
+            )
         if track.any_fallback:  # fixed-point steps where Anderson gave up on a sample
             z_next = torch.where(track.flagged(FALLBACK)[:, None], z + F, z_next)
         z_next = torch.where(active[:, None], z_next, z)  # no move where it is done
@@ -93,6 +106,10 @@ def anderson(
         warn,
         on_divergence="restarted from the best iterate by fixed-point iteration",
     )
+
+
+def _is_number(x) -> bool:
+    return isinstance(x, numbers.Real) and not isinstance(x, bool)
 
 
 def _anderson_combination(Z, R, newest, mixing, regularization):
