@@ -1,5 +1,6 @@
 // Every impflow op schema, the C++ entry points, and (in the Python build) the module init.
 #include <ATen/core/dispatch/Dispatcher.h>
+#include <torch/csrc/autograd/autograd_not_implemented_fallback.h>
 #include <torch/library.h>
 
 #include "impflow/ops.h"
@@ -29,6 +30,16 @@ TORCH_LIBRARY(impflow, m) {
   m.def("mlp_vjp_series_backward(Tensor grad_products, Tensor grad_traces, Tensor grad_series, "
         "Tensor[] weights, Tensor[] act_derivs, Tensor v, Tensor coeffs, Tensor products) "
         "-> (Tensor[] grad_weights, Tensor[] grad_act_derivs, Tensor grad_v)");
+}
+
+// The solver and power-iteration ops are not differentiable. Without these kernels torch's
+// default lets a gradient through them come out as None, with a warning at most; with them,
+// the outputs of inputs that require grad carry a node whose backward raises "derivative for
+// impflow::broyden_step is not implemented".
+TORCH_LIBRARY_IMPL(impflow, Autograd, m) {
+  for (const char* name : {"broyden_step", "solver_track", "power_iteration"}) {
+    m.impl(name, torch::autograd::autogradNotImplementedFallback());
+  }
 }
 
 at::Tensor broyden_step(at::Tensor& U, at::Tensor& V, const at::Tensor& dz, const at::Tensor& dF,

@@ -101,6 +101,14 @@ BAD = [
         lambda w, u, v: ([x.half() for x in w], [x.half() for x in u], [x.half() for x in v]),
     ),
     ("must be contiguous", lambda w, u, v: (w, [torch.stack([u[0], u[0]], 1)[:, 0], u[1]], v)),
+    (
+        "us\\[0\\] and vs\\[0\\] are written in place and must not share memory",
+        lambda w, u, v: (w, [w[0].view(-1)[:3], u[1]], v),
+    ),
+    (
+        "us\\[1\\] and vs\\[1\\] are written in place and must not share memory",
+        lambda w, u, v: (w, u, [v[0], u[1][:2]]),
+    ),
 ]
 
 
@@ -109,6 +117,13 @@ def test_bad_arguments(message, spoil):
     weights, us, vs = make_problem([(3, 4), (5, 2)], torch.float32, "cpu", seed=3)
     with pytest.raises(RuntimeError, match=message):
         power_iteration(*spoil(weights, us, vs), 2)
+
+
+def test_gradients_through_the_op_are_refused():
+    weights, us, vs = make_problem([(3, 4)], torch.float64, "cpu", seed=5)
+    sigma = power_iteration([weights[0].requires_grad_(True)], us, vs, 2)
+    with pytest.raises(RuntimeError, match="derivative for impflow::power_iteration is not impl"):
+        sigma.sum().backward()
 
 
 def test_negative_iterations():

@@ -180,6 +180,14 @@ BAD = [
     ("must have z's shape", lambda s: s.__setitem__(1, s[1][:, :-1])),
     ("must be contiguous", lambda s: s.__setitem__(2, noncontiguous(s[2]))),
     ("z must have shape", lambda s: s.__setitem__(0, s[0][0])),
+    (
+        "best_z is written in place and must not share memory with z",
+        lambda s: s.__setitem__(2, s[0]),
+    ),
+    (
+        "best_z is written in place and must not share memory with best_F",
+        lambda s: s.__setitem__(3, s[2]),
+    ),
 ]
 
 

@@ -4,6 +4,8 @@
 
 #include <ATen/ATen.h>
 
+#include "impflow/overlap_checks.h"
+
 namespace impflow {
 
 // A (B, m, d) history stored as a contiguous (m, d, B) tensor: the batch is the fastest
@@ -45,6 +47,12 @@ inline void check_broyden_step_args(const at::Tensor& U, const at::Tensor& V, co
               "broyden_step: U and V are updated in place and must both be contiguous or both "
               "batch-minor (a (B, m, d) view of a contiguous (m, d, B) tensor), got strides ",
               U.strides(), " and ", V.strides());
+  check_no_shared_memory("broyden_step", U, "U", V, "V");
+  const std::pair<const at::Tensor*, const char*> read[] = {{&dz, "dz"}, {&dF, "dF"}, {&F, "F"}};
+  for (const auto& [t, name] : read) {
+    check_no_shared_memory("broyden_step", U, "U", *t, name);
+    check_no_shared_memory("broyden_step", V, "V", *t, name);
+  }
   TORCH_CHECK(n_valid >= 0 && n_valid <= m, "broyden_step: n_valid must be in [0, m] = [0, ", m,
               "], got ", n_valid);
   TORCH_CHECK(slot >= 0 && slot < m, "broyden_step: slot must be in [0, m) = [0, ", m, "), got ",

@@ -3,6 +3,8 @@
 
 #include <ATen/ATen.h>
 
+#include "impflow/overlap_checks.h"
+
 namespace impflow {
 
 inline void check_power_iteration_args(at::TensorList weights, at::TensorList us,
@@ -32,6 +34,11 @@ inline void check_power_iteration_args(at::TensorList weights, at::TensorList us
       // Updated in place: a hidden copy would lose the update.
       TORCH_CHECK(t->is_contiguous(), "power_iteration: us and vs must be contiguous");
     }
+    TORCH_CHECK(!shares_memory(us[l], vs[l]) && !shares_memory(us[l], W) &&
+                    !shares_memory(vs[l], W),
+                "power_iteration: us[", l, "] and vs[", l, "] are written in place and must not "
+                "share memory with each other or with weights[", l, "] (pass copies, e.g. "
+                ".clone())");
   }
 }
 

@@ -3,6 +3,8 @@
 
 #include <ATen/ATen.h>
 
+#include "impflow/overlap_checks.h"
+
 namespace impflow {
 
 inline void check_solver_track_args(const at::Tensor& z, const at::Tensor& F,
@@ -36,6 +38,17 @@ inline void check_solver_track_args(const at::Tensor& z, const at::Tensor& F,
   for (const auto* t : {&best_z, &best_F, &best, &status, &nstep}) {
     TORCH_CHECK(t->is_contiguous(),
                 "solver_track: best_z, best_F, best, status and nstep must be contiguous");
+  }
+  const std::pair<const at::Tensor*, const char*> state[] = {
+      {&best_z, "best_z"}, {&best_F, "best_F"}, {&best, "best"}, {&status, "status"},
+      {&nstep, "nstep"}};
+  for (size_t i = 0; i < 5; ++i) {
+    const auto& [written, name] = state[i];
+    check_no_shared_memory("solver_track", *written, name, z, "z");
+    check_no_shared_memory("solver_track", *written, name, F, "F");
+    for (size_t j = i + 1; j < 5; ++j) {
+      check_no_shared_memory("solver_track", *written, name, *state[j].first, state[j].second);
+    }
   }
 }
 
