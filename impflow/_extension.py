@@ -1,27 +1,43 @@
 """Loads the compiled extension impflow._C and turns the usual failures into one sentence."""
 
+import importlib
+import os
+
 import torch
 
 _BUILD_HINT = "run `pip install --no-build-isolation -e .` in the impflow checkout"
 
 
 def _load():
+    # import_module, not `from impflow import _C`: a missing module then says so by name
+    # instead of blaming a "partially initialized module (circular import)".
     try:
-        from impflow import _C  # noqa: F401  (registers torch.ops.impflow.*)
+        _C = importlib.import_module("impflow._C")  # registers torch.ops.impflow.*
     except ImportError as error:
-        text = str(error)
-        if "undefined symbol" in text or "cannot open shared object" in text:
-            raise ImportError(
-                f"impflow's compiled extension does not fit the installed torch "
-                f"{torch.__version__} (it was probably built against another torch or CUDA); "
-                f"to rebuild it, {_BUILD_HINT}. Loader said: {text}"
-            ) from error
-        raise ImportError(
-            f"impflow's compiled extension impflow._C is missing; to build it, {_BUILD_HINT} "
-            f"({text})"
-        ) from error
+        raise explain_load_error(error) from error
     check_build(_C.torch_version, torch.__version__)
     return _C
+
+
+def explain_load_error(error: ImportError) -> ImportError:
+    """The one-sentence error for a failed import of impflow._C."""
+    text = str(error)
+    if "undefined symbol" in text or "cannot open shared object" in text:
+        return ImportError(
+            f"impflow's compiled extension does not fit the installed torch "
+            f"{torch.__version__} (it was probably built against another torch or CUDA); "
+            f"to rebuild it, {_BUILD_HINT}. Loader said: {text}"
+        )
+    if isinstance(error, ModuleNotFoundError) and error.name == "impflow._C":
+        folder = os.path.dirname(os.path.abspath(__file__))
+        return ImportError(
+            f"impflow's compiled extension impflow._C is missing (no _C*.so in {folder}); "
+            f"to build it, {_BUILD_HINT}"
+        )
+    return ImportError(
+        f"impflow's compiled extension impflow._C could not be loaded; to rebuild it, "
+        f"{_BUILD_HINT}. Loader said: {text}"
+    )
 
 
 def check_build(built: str, running: str) -> None:

@@ -1,5 +1,7 @@
 """Loading the extension: the one-sentence errors of impflow/_extension.py."""
 
+import os
+import shutil
 import subprocess
 import sys
 import types
@@ -33,6 +35,36 @@ def test_missing_extension_says_how_to_build():
     assert (
         "impflow._C is missing" in run.stderr and "pip install --no-build-isolation" in run.stderr
     )
+
+
+def test_a_package_without_its_extension_says_it_is_missing(tmp_path):
+    # The real case: the Python files without a built _C*.so (before, the message blamed a
+    # "partially initialized module (most likely due to a circular import)").
+    shutil.copytree(
+        os.path.dirname(impflow.__file__),
+        tmp_path / "impflow",
+        ignore=shutil.ignore_patterns("_C*"),
+    )
+    run = subprocess.run(
+        [sys.executable, "-c", "import impflow"], cwd=tmp_path, capture_output=True, text=True
+    )
+    assert run.returncode != 0
+    last = run.stderr.strip().splitlines()[-1]
+    assert "impflow._C is missing (no _C*.so in" in last and str(tmp_path) in last
+    assert "circular" not in last
+
+
+def test_an_extension_built_against_another_torch_says_so():
+    error = ImportError("/x/impflow/_C.so: undefined symbol: _ZN3c104cuda9SetDeviceEi")
+    explained = _extension.explain_load_error(error)
+    assert "does not fit the installed torch" in str(explained)
+    assert "pip install --no-build-isolation" in str(explained)
+    assert "undefined symbol: _ZN3c104cuda9SetDeviceEi" in str(explained)
+
+
+def test_other_load_failures_keep_the_loaders_words():
+    explained = _extension.explain_load_error(ImportError("bad magic number"))
+    assert "could not be loaded" in str(explained) and "bad magic number" in str(explained)
 
 
 def test_cuda_tensor_without_cuda_kernels(monkeypatch):
