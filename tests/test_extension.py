@@ -45,8 +45,16 @@ def test_a_package_without_its_extension_says_it_is_missing(tmp_path):
         tmp_path / "impflow",
         ignore=shutil.ignore_patterns("_C*"),
     )
+    # -S: no .pth files, so an editable install's import hook cannot send `import impflow` back
+    # to the checkout; torch and numpy come from their folder on PYTHONPATH, after the copy.
+    packages = os.path.dirname(os.path.dirname(torch.__file__))
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(tmp_path), packages])}
     run = subprocess.run(
-        [sys.executable, "-c", "import impflow"], cwd=tmp_path, capture_output=True, text=True
+        [sys.executable, "-S", "-c", "import impflow"],
+        cwd=tmp_path,
+        env=env,
+        capture_output=True,
+        text=True,
     )
     assert run.returncode != 0
     last = run.stderr.strip().splitlines()[-1]
