@@ -10,7 +10,7 @@ import pytest
 import torch
 
 import impflow
-from impflow.data import CIFAR10_FILES, dequantize, load_cifar10, load_digits, load_images
+from impflow.data import CIFAR10_FILES, dequantize, images, load_cifar10, load_digits, load_images
 
 
 def _write_cifar(folder, n_per_batch=4, protocol=2, bytes_keys=True):
@@ -34,6 +34,23 @@ def _write_cifar(folder, n_per_batch=4, protocol=2, bytes_keys=True):
             batch = {k.encode(): v for k, v in batch.items()}
         with open(folder / name, "wb") as f:
             pickle.dump(batch, f, protocol=protocol)
+
+
+@pytest.mark.parametrize(
+    "module,numpy_major,expected",
+    [
+        ("numpy.core.multiarray", 2, "numpy._core.multiarray"),  # CIFAR-10's pickles, numpy 2
+        ("numpy.core.multiarray", 1, "numpy.core.multiarray"),
+        ("numpy._core.numeric", 1, "numpy.core.numeric"),  # written by numpy 2, read by 1
+        ("numpy._core.numeric", 2, "numpy._core.numeric"),
+        ("numpy.core_extra", 2, "numpy.core_extra"),
+        ("numpy", 2, "numpy"),
+    ],
+)
+def test_pickled_numpy_modules_are_renamed_for_the_installed_numpy(module, numpy_major, expected):
+    # With numpy 1.26 every CIFAR-10 batch failed to load ("No module named
+    # 'numpy._core.numeric'"): 1.26 has a partial numpy._core, which was taken for numpy 2's.
+    assert images._numpy_module_here(module, numpy_major) == expected
 
 
 @pytest.mark.parametrize("protocol,bytes_keys", [(2, True), (pickle.HIGHEST_PROTOCOL, False)])

@@ -192,9 +192,22 @@ class _ArrayUnpickler(pickle.Unpickler):
                 f"refusing to load {module}.{name}: a CIFAR-10 batch holds only numpy arrays, "
                 "lists, bytes and strings"
             )
-        if module.startswith("numpy.core") and hasattr(np, "_core"):
-            module = "numpy._core" + module[len("numpy.core") :]  # numpy 2 moved it
-        return getattr(importlib.import_module(module), name)
+        return getattr(importlib.import_module(_numpy_module_here(module)), name)
+
+
+def _numpy_module_here(module: str, numpy_major: int | None = None) -> str:
+    """``module`` as the installed numpy names it: numpy 2 moved ``numpy.core`` to
+    ``numpy._core`` (the old name only warns), and numpy 1 has no ``numpy._core.numeric`` (1.26
+    has a partial ``numpy._core``, so its presence does not tell). Pickles name the one of the
+    numpy that wrote them: CIFAR-10's own, numpy 1's."""
+    if numpy_major is None:
+        numpy_major = int(np.__version__.split(".")[0])
+    old, new = "numpy.core", "numpy._core"
+    if numpy_major >= 2 and (module == old or module.startswith(old + ".")):
+        return new + module[len(old) :]
+    if numpy_major < 2 and (module == new or module.startswith(new + ".")):
+        return old + module[len(new) :]
+    return module
 
 
 def _cifar_folder(root) -> Path:
