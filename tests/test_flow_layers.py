@@ -282,6 +282,10 @@ def test_logit_inverse_of_any_finite_y():
     assert torch.isfinite(x).all() and torch.isfinite(logdet_inv).all()
     assert x.min() < 0 and x.max() > 1  # some samples leave [0, 1], within the bounds
     assert x.min() >= -0.05 / 0.9 and x.max() <= 0.95 / 0.9
+    # ... and forward takes them back: the support is the whole interval, not [0, 1].
+    y_back, logdet = layer(x)
+    torch.testing.assert_close(y_back, y)
+    torch.testing.assert_close(logdet, -logdet_inv)
     torch.testing.assert_close(logdet_inv, autograd_logdet(layer.inverse, y))
     # Far out, where autograd's sigmoid'(y) = s(1 - s) rounds to 0, the log-det stays finite.
     far = layer.inverse(torch.tensor([[60.0, -60.0]], dtype=torch.float64))[1]
@@ -293,11 +297,14 @@ def test_logit_bad_arguments_and_inputs():
         with pytest.raises(ValueError, match=r"alpha must be a number in \[0, 0.5\)"):
             LogitTransform(bad)
     layer = LogitTransform(0.05)
-    with pytest.raises(ValueError, match=r"x must lie in \[0, 1\], got values in \[-0.5, 0.5\]"):
+    support = r"x must lie in \(-0.0555556, 1.05556\), the support of LogitTransform\(alpha=0.05\)"
+    with pytest.raises(ValueError, match=support + r" .*got values in \[-0.5, 0.5\]"):
         layer(torch.tensor([[0.5, -0.5]]))
-    with pytest.raises(ValueError, match=r"x must lie in \[0, 1\]"):
-        layer(torch.tensor([[1.5, 0.5]]))
-    with pytest.raises(ValueError, match=r"x must lie in \(0, 1\) \(alpha=0"):
+    with pytest.raises(ValueError, match=support):
+        layer(torch.tensor([[255.0, 0.5]]))  # pixels not scaled to [0, 1]
+    with pytest.raises(ValueError, match=support):
+        layer(torch.tensor([[0.95 / 0.9, 0.5]], dtype=torch.float64))  # the edge: y = inf
+    with pytest.raises(ValueError, match=r"x must lie in \(0, 1\), the support of"):
         LogitTransform(0.0)(torch.tensor([[0.0, 0.5]]))
     _check_common_bad_inputs(layer, "x")
     _check_common_bad_inputs(layer.inverse, "y")

@@ -36,10 +36,11 @@ class LogitTransform(nn.Module):
 
     ``logdet = Σ [log(1 - 2α) - log s - log(1 - s)]`` over every non-batch dimension.
 
-    ``forward`` checks that ``x`` lies in ``[0, 1]`` (in ``(0, 1)`` when ``α = 0``, where the
-    edges map to ``±∞``). ``inverse`` accepts any finite ``y``: ``x = (sigmoid(y) - α)/(1 - 2α)``
-    then lies in ``(-α/(1-2α), (1-α)/(1-2α))``, slightly outside ``[0, 1]`` for ``y`` beyond
-    ``logit(α)`` or ``logit(1 - α)`` (e.g. a sample of the model); clamp such samples for display.
+    ``inverse`` accepts any finite ``y``: ``x = (sigmoid(y) - α)/(1 - 2α)`` lies in the open
+    interval ``(-α/(1-2α), (1-α)/(1-2α))``, slightly beyond ``[0, 1]`` for ``y`` beyond
+    ``logit(α)`` or ``logit(1 - α)`` (clamp such samples for display). That interval is the
+    layer's support, and ``forward`` accepts all of it, so a flow can score its own samples;
+    outside it (``s`` not in ``(0, 1)``, e.g. pixels in ``[0, 255]``) ``forward`` raises.
 
     Args:
         alpha: ``α`` in ``[0, 0.5)``.
@@ -66,18 +67,20 @@ class LogitTransform(nn.Module):
     def extra_repr(self) -> str:
         return f"alpha={self.alpha}"
 
-    def _check_range(self, x: Tensor) -> None:
-        if self.alpha > 0:
-            inside = (x >= 0) & (x <= 1)
-            expected = "[0, 1]"
-        else:  # logit(0) and logit(1) are infinite
-            inside = (x > 0) & (x < 1)
-            expected = "(0, 1) (alpha=0 maps 0 and 1 to ±inf)"
-        if not bool(inside.all()):
+    def _support(self) -> str:
+        a = self.alpha
+        return f"({-a / (1 - 2 * a) + 0.0:.6g}, {(1 - a) / (1 - 2 * a):.6g})"  # + 0.0: no -0
+
+    def _check_squeezed(self, x: Tensor, s: Tensor) -> None:
+        # s = α + (1 - 2α) x in (0, 1), tested on s itself: an x at the support's rounded edge
+        # would give y = ±inf.
+        if not bool(((s > 0) & (s < 1)).all()):
             check_finite(x, "x", "LogitTransform.forward")  # NaN/Inf: say so rather
             lo, hi = float(x.min()), float(x.max())
             raise ValueError(
-                f"LogitTransform.forward: x must lie in {expected}, got values in [{lo}, {hi}]"
+                f"LogitTransform.forward: x must lie in {self._support()}, the support of "
+                f"LogitTransform(alpha={self.alpha}) (data in [0, 1], or the model's own "
+                f"samples), got values in [{lo}, {hi}]"
             )
 
     def _logdet(self, y: Tensor) -> Tensor:
@@ -89,8 +92,8 @@ class LogitTransform(nn.Module):
     def forward(self, x: Tensor) -> tuple[Tensor, Tensor]:
         """``(y, logdet)``."""
         check_flow_tensor(x, "x", "LogitTransform.forward")
-        self._check_range(x)  # also finds NaN and Inf
         s = self.alpha + (1 - 2 * self.alpha) * x
+        self._check_squeezed(x, s)  # also finds NaN and Inf
         y = torch.log(s) - torch.log1p(-s)
         return y, self._logdet(y)
 
