@@ -9,7 +9,12 @@ import sys
 import pytest
 import torch
 
-from impflow.train.checkpoint import CheckpointError, CheckpointMismatchError, load_checkpoint
+from impflow.train.checkpoint import (
+    CheckpointError,
+    CheckpointMismatchError,
+    load_checkpoint,
+    save_checkpoint,
+)
 from impflow.train.cli import main
 from impflow.train.fit1d import Fit1dTask
 from impflow.train.loop import NonFiniteLossError, TrainSettings, train
@@ -77,6 +82,35 @@ def test_resume_with_other_model_is_refused(tmp_path):
     with pytest.raises(CheckpointMismatchError, match="blocks"):
         train(QuickToy(blocks=2), settings(tmp_path, steps=4, resume=True))
     assert (tmp_path / "checkpoint.pt").read_bytes() == before
+
+
+@pytest.mark.parametrize("first, second", [("float64", "float32"), ("float32", "float64")])
+def test_resume_in_another_dtype_is_refused(tmp_path, first, second):
+    # A float64 checkpoint was resumed silently in float32 (the config recorded the dtype only
+    # when it was not float32).
+    train(QuickToy(), settings(tmp_path, steps=2, dtype=first))
+    before = (tmp_path / "checkpoint.pt").read_bytes()
+    with pytest.raises(
+        CheckpointMismatchError,
+        match=f"config.dtype: checkpoint has '{first}', this run '{second}'",
+    ):
+        train(QuickToy(), settings(tmp_path, steps=4, resume=True, dtype=second))
+    assert (tmp_path / "checkpoint.pt").read_bytes() == before
+
+
+def test_a_checkpoint_without_a_dtype_resumes_as_float32(tmp_path):
+    # Checkpoints written before the dtype was recorded are float32 runs.
+    train(QuickToy(), settings(tmp_path, steps=2))
+    state = load_checkpoint(tmp_path / "checkpoint.pt")
+    assert state["config"].pop("dtype") == "float32"
+    save_checkpoint(tmp_path / "checkpoint.pt", state)
+    train(QuickToy(), settings(tmp_path, steps=4, resume=True))
+    assert final_parameters(tmp_path) and load_checkpoint(tmp_path / "checkpoint.pt")["step"] == 4
+    with pytest.raises(CheckpointMismatchError, match="config.dtype"):
+        state = load_checkpoint(tmp_path / "checkpoint.pt")
+        state["config"].pop("dtype")
+        save_checkpoint(tmp_path / "checkpoint.pt", state)
+        train(QuickToy(), settings(tmp_path, steps=6, resume=True, dtype="float64"))
 
 
 def test_corrupt_checkpoint_is_refused_and_kept(tmp_path):

@@ -243,24 +243,31 @@ def _describe(value) -> str:
     return text if len(text) <= 80 else text[:77] + "..."
 
 
-def _differences(saved, expected: Mapping, where: str) -> list[str]:
+def _differences(saved, expected: Mapping, where: str, assumed: Mapping) -> list[str]:
     if not isinstance(saved, Mapping):
         return [f"{where or 'the state'}: checkpoint has {_describe(saved)}, this run a mapping"]
     found = []
     for key, want in expected.items():
         name = f"{where}.{key}" if where else str(key)
-        if key not in saved:
+        have = assumed.get(key, _MISSING) if key not in saved else saved[key]
+        if have is _MISSING:
             found.append(f"{name}: missing from the checkpoint (this run has {_describe(want)})")
-        elif isinstance(want, Mapping) and isinstance(saved[key], Mapping):
-            found.extend(_differences(saved[key], want, name))
-        elif not _same(saved[key], want):
-            found.append(
-                f"{name}: checkpoint has {_describe(saved[key])}, this run {_describe(want)}"
+        elif isinstance(want, Mapping) and isinstance(have, Mapping):
+            inner = assumed.get(key, {})
+            found.extend(
+                _differences(have, want, name, inner if isinstance(inner, Mapping) else {})
             )
+        elif not _same(have, want):
+            found.append(f"{name}: checkpoint has {_describe(have)}, this run {_describe(want)}")
     return found
 
 
-def load_checkpoint(path, *, expected: Mapping | None = None, map_location="cpu") -> dict:
+_MISSING = object()
+
+
+def load_checkpoint(
+    path, *, expected: Mapping | None = None, assumed: Mapping | None = None, map_location="cpu"
+) -> dict:
     """Reads a checkpoint written by :func:`save_checkpoint`.
 
     Args:
@@ -269,6 +276,9 @@ def load_checkpoint(path, *, expected: Mapping | None = None, map_location="cpu"
             ``{"config": {"dims": [2, 64, 2], "dataset": "moons"}}``. Nested mappings are
             compared key by key (keys only in the checkpoint are ignored), lists and tuples
             alike elementwise, tensors by shape, dtype and values, other values with ``==``.
+        assumed: values that an ``expected`` entry missing from the checkpoint is taken to
+            have, nested like it: the defaults of settings that older checkpoints did not
+            record, e.g. ``{"config": {"dtype": "float32"}}``.
         map_location: as in ``torch.load`` (default: tensors on the CPU).
 
     Returns:
@@ -308,7 +318,7 @@ def load_checkpoint(path, *, expected: Mapping | None = None, map_location="cpu"
     if expected is not None:
         if not isinstance(expected, Mapping):
             raise TypeError(f"expected must be a mapping, got {type(expected).__name__}")
-        found = _differences(state, expected, "")
+        found = _differences(state, expected, "", assumed or {})
         if found:
             raise CheckpointMismatchError(
                 f"checkpoint {path} does not match this run:\n  " + "\n  ".join(found)

@@ -206,9 +206,7 @@ def _train(task: Task, settings: TrainSettings, group: ProcessGroup, device) -> 
     if settings.dtype not in DTYPES:
         raise ValueError(f"dtype must be one of {sorted(DTYPES)}, got {settings.dtype!r}")
     dtype = DTYPES[settings.dtype]
-    config = {"task": task.name, **task.config()}
-    if dtype != torch.float32:  # checkpoints of float32 runs predate the option
-        config["dtype"] = settings.dtype
+    config = {"task": task.name, **task.config(), "dtype": settings.dtype}
     _check_batch_size(getattr(task, "batch_size", None), group)
     if group.is_main:  # only rank 0 writes
         out.mkdir(parents=True, exist_ok=True)
@@ -228,7 +226,10 @@ def _train(task: Task, settings: TrainSettings, group: ProcessGroup, device) -> 
         if not ckpt_path.exists():
             raise FileNotFoundError(f"--resume: no checkpoint at {ckpt_path}")
         # A checkpoint of another model or data is refused with every difference listed.
-        ckpt = load_checkpoint(ckpt_path, expected={"config": config})
+        # Checkpoints of float32 runs before the --dtype option did not record it.
+        ckpt = load_checkpoint(
+            ckpt_path, expected={"config": config}, assumed={"config": {"dtype": "float32"}}
+        )
         load_module_state(model, ckpt["model"])
         optimizer.load_state_dict(ckpt["optimizer"])
         if ckpt.get("ema") is not None and group.is_main:
