@@ -9,7 +9,16 @@ import pytest
 import torch
 from torch import nn
 
-from impflow.nn import ActNorm, LogitTransform, SequentialFlow, Squeeze
+import impflow
+from impflow.nn import (
+    ActNorm,
+    ImplicitBlock,
+    LipschitzMLP,
+    LogitTransform,
+    ResidualBlock,
+    SequentialFlow,
+    Squeeze,
+)
 from flow_testing import (
     BadLogdet,
     ElementwiseAffine,
@@ -210,6 +219,8 @@ def _check_common_bad_inputs(call, name, channels=3):
         call(torch.ones(2, channels, dtype=torch.int64))
     with pytest.raises(ValueError, match=f"{name} must have shape \\(B, ...\\)"):
         call(torch.full((channels,), 0.5))
+    with pytest.raises(ValueError, match=f"{name} must hold at least one sample"):
+        call(torch.full((0, channels), 0.5))
     for bad in (float("nan"), float("inf"), -float("inf")):
         x = torch.full((4, channels), 0.5)
         x[2, 1] = bad
@@ -366,3 +377,21 @@ def test_sequential_bad_layers_and_inputs():
     x[0, 0] = float("nan")
     with pytest.raises(ValueError, match=r"x contains NaN or Inf"):
         SequentialFlow(ActNorm(2))(x)
+
+
+def test_an_empty_batch_is_refused_by_every_layer_and_the_flow():
+    # It crashed with a bare IndexError in the blocks and ActNorm (found by an audit).
+    blocks = [
+        ImplicitBlock(LipschitzMLP([2, 8, 2]), LipschitzMLP([2, 8, 2])),
+        ResidualBlock(LipschitzMLP([2, 8, 2])),
+        ActNorm(2).eval(),
+        SequentialFlow(ActNorm(2)),
+    ]
+    empty = torch.zeros(0, 2)
+    for layer in blocks:
+        for call, name in ((layer, "x"), (layer.inverse, "z")):
+            with pytest.raises(ValueError, match=f"{name} must hold at least one sample"):
+                call(empty)
+    flow = impflow.Flow(SequentialFlow(*blocks[:2]), event_shape=(2,))
+    with pytest.raises(ValueError, match="x must hold at least one sample"):
+        flow.log_prob(empty)
