@@ -123,6 +123,22 @@ def test_registry_serves_lipschitz_mlp_and_paused_wrapper():
         L.register_jacobian(LipschitzMLP, None)
 
 
+def test_a_registered_jacobian_of_the_wrong_shape_is_refused():
+    # A (B, 2, 2) Jacobian for 3-dimensional samples gave a log-det of zeros, silently.
+    g = make_mlp([3, 5, 3], "sin")
+
+    def wrong(net, x, *, create_graph):
+        return net(x), torch.zeros(x.shape[0], 2, 2, dtype=x.dtype)
+
+    remove = L.register_jacobian(LipschitzMLP, wrong)
+    try:
+        with pytest.raises(ValueError, match=r"wrong for LipschitzMLP returned \(4, 2, 2\), "):
+            L.exact_logdet(g, torch.randn(4, 3, dtype=F64))
+    finally:
+        remove()
+    assert torch.isfinite(L.exact_logdet(g, torch.randn(4, 3, dtype=F64))).all()
+
+
 def test_graph_only_when_asked():
     g = make_mlp([3, 6, 3], "tanh")
     x = torch.randn(4, 3, dtype=F64)

@@ -70,7 +70,19 @@ def value_and_jacobian(
             f"{d} > max_dim={max_dim}); use roulette_logdet for large dimensions, or raise max_dim"
         )
     create_graph = resolve_create_graph(create_graph) and module_needs_graph(g, x)
-    return get_jacobian(g)(g, x, create_graph=create_graph)
+    jacobian_fn = get_jacobian(g)
+    gx, jac = jacobian_fn(g, x, create_graph=create_graph)
+    # A registered implementation is the user's code: a wrong shape would give a silently
+    # wrong log-det (a (B, 2, 2) Jacobian for d = 3 gave zeros).
+    expected = (x.shape[0], d, d)
+    if not (isinstance(jac, Tensor) and jac.shape == expected):
+        got = tuple(jac.shape) if isinstance(jac, Tensor) else type(jac).__name__
+        name = getattr(jacobian_fn, "__qualname__", repr(jacobian_fn))
+        raise ValueError(
+            f"the Jacobian implementation {name} for {type(g).__name__} returned {got}, "
+            f"expected shape {expected} (per-sample dimension {d})"
+        )
+    return gx, jac
 
 
 def batch_jacobian(

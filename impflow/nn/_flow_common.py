@@ -40,7 +40,9 @@ def check_flow_tensor(x, name: str, where: str, min_dim: int = 2, exact_dim: int
             f"(batch first), got shape {tuple(x.shape)}"
         )
     if x.shape[0] == 0:  # as the solvers: an empty batch is a caller's mistake, said here
-        raise ValueError(f"{where}: {name} must hold at least one sample, got shape {tuple(x.shape)}")
+        raise ValueError(
+            f"{where}: {name} must hold at least one sample, got shape {tuple(x.shape)}"
+        )
 
 
 def check_finite(x: Tensor, name: str, where: str) -> None:
