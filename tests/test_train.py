@@ -144,6 +144,29 @@ def test_nan_loss_stops_with_step_and_keeps_last_checkpoint(tmp_path):
     assert not (tmp_path / "metrics.json").exists()
 
 
+class InfInputAt(QuickToy):
+    """From ``bad_step`` on, the batch holds an Inf: a flow layer refuses it before the loss
+    (as when blown-up weights make a layer's output Inf)."""
+
+    def __init__(self, bad_step):
+        super().__init__()
+        self.calls, self.bad_step = 0, bad_step
+
+    def loss(self, model, batch):
+        self.calls += 1
+        if self.calls >= self.bad_step:
+            batch = batch.clone()
+            batch[0, 0] = math.inf
+        return super().loss(model, batch)
+
+
+def test_inf_inside_the_model_stops_like_a_nan_loss(tmp_path):
+    # It ended in a traceback of the block's input check, with no step and no advice.
+    with pytest.raises(NonFiniteLossError, match=r"the model met NaN or Inf at step 5 \(.*"):
+        train(InfInputAt(5), settings(tmp_path, steps=20, ckpt_every=2))
+    assert load_checkpoint(tmp_path / "checkpoint.pt")["step"] == 4
+
+
 def test_time_budget_stops_cleanly(tmp_path):
     metrics = train(QuickToy(), settings(tmp_path, steps=10**6, time_budget=0.5))
     assert 1 <= metrics["iterations"] < 10**6

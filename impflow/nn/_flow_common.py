@@ -45,11 +45,16 @@ def check_flow_tensor(x, name: str, where: str, min_dim: int = 2, exact_dim: int
         )
 
 
+class NonFiniteError(ValueError):
+    """A flow layer met NaN or Inf: in its input, or in what its networks returned (e.g. once
+    training has blown the weights up; the training loop reports it as a non-finite loss)."""
+
+
 def check_finite(x: Tensor, name: str, where: str) -> None:
     if not bool(torch.isfinite(x).all()):
         flat = per_sample(x.detach())
         bad = (~torch.isfinite(flat)).any(1).nonzero().flatten()
-        raise ValueError(f"{where}: {name} contains NaN or Inf (samples {bad[:8].tolist()})")
+        raise NonFiniteError(f"{where}: {name} contains NaN or Inf (samples {bad[:8].tolist()})")
 
 
 def check_flow_layer(layer, name: str) -> nn.Module:

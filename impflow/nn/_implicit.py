@@ -48,7 +48,7 @@ from impflow.nn._block_settings import (
     SolverConfig,
     report_failure,
 )
-from impflow.nn._flow_common import per_sample
+from impflow.nn._flow_common import NonFiniteError, per_sample
 from impflow.nn._frozen import PausedPowerIteration
 from impflow.solvers import SolverStats
 
@@ -371,7 +371,7 @@ def check_result(out: Tensor, logdet: Tensor | None, arg: str, where: str) -> No
         if not bool(torch.isfinite(value.detach()).all()):
             bad = ~torch.isfinite(per_sample(value.detach()) if value.dim() > 1 else value)
             bad = bad.reshape(value.shape[0], -1).any(1).nonzero().flatten()
-            raise ValueError(
+            raise NonFiniteError(
                 f"{where}: the result {name} contains NaN or Inf (samples {bad[:8].tolist()}); "
                 "the networks returned non-finite values"
             )

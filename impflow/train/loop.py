@@ -45,6 +45,7 @@ import torch
 from torch import nn
 from torch.nn.parallel import DistributedDataParallel
 
+from impflow.nn._flow_common import NonFiniteError
 from impflow.train.checkpoint import (
     capture_rng_state,
     load_checkpoint,
@@ -274,6 +275,13 @@ def _train(task: Task, settings: TrainSettings, group: ProcessGroup, device) -> 
 
         group.run_on_main(write, "writing the checkpoint")
 
+    def _stopped(what: str) -> NonFiniteLossError:
+        kept = ckpt_path if ckpt_path.exists() else "none yet"
+        return NonFiniteLossError(
+            f"{what}; stopping. The last good checkpoint ({kept}) is kept; lower --lr or add "
+            "--grad-clip"
+        )
+
     log = _Log(out, settings, resume=settings.resume) if group.is_main else None
     bar = _progress(settings, state.step) if group.is_main else None
     try:
@@ -288,18 +296,24 @@ def _train(task: Task, settings: TrainSettings, group: ProcessGroup, device) -> 
                 )
             started = time.perf_counter()
             batch = placed(_shard(task.sample_batch(data_gen), group))
-            loss, metrics = loss_of(batch)
+            try:
+                loss, metrics = loss_of(batch)
+            except NonFiniteError as err:
+                # Weights blown up far enough that a layer's output is Inf stop a flow layer
+                # before the loss: the same failure as a non-finite loss, reported alike. (A
+                # multi-process run lets it propagate: the other ranks cannot be told.)
+                if group.distributed:
+                    raise
+                raise _stopped(
+                    f"the model met NaN or Inf at step {state.step + 1} ({err})"
+                ) from err
             loss_value, metrics, bad_ranks = _reduce_step(loss, metrics, group)
             if bad_ranks:
-                kept = ckpt_path if ckpt_path.exists() else "none yet"
                 where = ""
                 if group.distributed:
                     where = f" (non-finite on rank {', '.join(map(str, bad_ranks))} of "
                     where += f"{group.world_size})"
-                raise NonFiniteLossError(
-                    f"the loss is {loss_value:g} at step {state.step + 1}{where}; stopping. "
-                    f"The last good checkpoint ({kept}) is kept; lower --lr or add --grad-clip"
-                )
+                raise _stopped(f"the loss is {loss_value:g} at step {state.step + 1}{where}")
             optimizer.zero_grad(set_to_none=True)
             loss.backward()
             if settings.grad_clip is not None:
