@@ -215,6 +215,35 @@ def test_cli_rejects_unknown_options_and_bad_values(tmp_path, capsys):
         main(["nosuchtask", "--out", str(tmp_path)])
 
 
+@pytest.mark.parametrize(
+    "bad, message",
+    [
+        (["--activation", "relu"], "unknown activation 'relu'"),
+        (["--coeff", "1.5"], "coeff must be a number in"),
+        (["--ema-decay", "1.5"], "ema_decay must be a number in"),
+        (["--device", "foo"], "device must be a torch device"),
+    ],
+)
+def test_cli_checks_settings_and_model_options_before_starting(tmp_path, capsys, bad, message):
+    # They ended in a traceback (exit code 1) after the output folder had been created.
+    out = tmp_path / "out"
+    with pytest.raises(SystemExit) as err:
+        main(["toy", "--out", str(out), "--steps", "2", "--no-progress", *bad])
+    assert err.value.code == 2
+    assert message in capsys.readouterr().err
+    assert not out.exists()
+
+
+def test_cli_resume_failures_are_usage_errors(tmp_path, capsys):
+    args = ["toy", "--out", str(tmp_path), "--steps", "2", "--no-progress", "--hidden", "8"]
+    assert main([*args, "--resume"]) == 2
+    assert "no checkpoint" in capsys.readouterr().err
+    assert main(args) == 0
+    capsys.readouterr()
+    assert main([*args[:-1], "16", "--steps", "4", "--resume"]) == 2
+    assert "does not match this run" in capsys.readouterr().err
+
+
 def test_cli_reports_nan_loss_with_exit_code(tmp_path, monkeypatch, capsys):
     import impflow.train.toy as toy
 

@@ -13,7 +13,14 @@ from impflow.data.images import CIFAR10_FILES, IMAGE_DATASETS
 from impflow.data.tabular import TABULAR_DATASETS
 from impflow.data.toy import TOY_DATASETS
 from impflow.train.distributed import BACKENDS, torchrun_environment
-from impflow.train.loop import LR_SCHEDULES, NonFiniteLossError, TrainSettings, train
+from impflow.train.checkpoint import CheckpointError
+from impflow.train.loop import (
+    LR_SCHEDULES,
+    NonFiniteLossError,
+    TrainSettings,
+    check_settings,
+    train,
+)
 from impflow.train.models import MODEL_KINDS
 
 __all__ = ["main"]
@@ -278,17 +285,28 @@ def main(argv=None) -> int:
         )
     try:
         task = make_task(args)
+        # Settings and model options that would otherwise fail only once the run has started
+        # (after its folder and progress bar): building the model once checks them all.
+        settings = settings_from(args)
+        check_settings(settings)
+        task.build_model()
     except (ValueError, FileNotFoundError, ImportError) as err:
         # A bad value, a missing dataset (the message names the files expected), or a missing
         # optional package: a usage error (exit code 2), not a traceback.
         parser.error(str(err))
     main_process = int(os.environ.get("RANK", "0")) == 0  # torchrun: only rank 0 reports
     try:
-        metrics = train(task, settings_from(args))
+        metrics = train(task, settings)
     except NonFiniteLossError as err:
         if main_process:
             print(f"error: {err}", file=sys.stderr)
         return 1
+    except (CheckpointError, FileNotFoundError) as err:
+        # --resume without a checkpoint, or with a corrupt one or one of another run: a usage
+        # error (the checkpoint is left as it was).
+        if main_process:
+            print(f"error: {err}", file=sys.stderr)
+        return 2
     if not main_process:
         return 0
     shown = {k: v for k, v in metrics.items() if k not in ("settings", "figures")}

@@ -11,6 +11,12 @@ from torch import nn
 __all__ = ["EMA"]
 
 
+def check_decay(decay, name: str = "decay") -> float:
+    if isinstance(decay, bool) or not isinstance(decay, numbers.Real) or not 0 <= decay < 1:
+        raise ValueError(f"{name} must be a number in [0, 1), got {decay!r}")
+    return float(decay)
+
+
 class EMA(nn.Module):
     """Keeps ``shadow = decay · shadow + (1 - decay) · weights`` for every floating parameter of
     ``model`` after each :meth:`update`; buffers (ActNorm statistics, power-iteration vectors)
@@ -24,9 +30,7 @@ class EMA(nn.Module):
 
     def __init__(self, model: nn.Module, decay: float = 0.999):
         super().__init__()
-        if isinstance(decay, bool) or not isinstance(decay, numbers.Real) or not 0 <= decay < 1:
-            raise ValueError(f"decay must be a number in [0, 1), got {decay!r}")
-        self.decay = float(decay)
+        self.decay = check_decay(decay)
         self.shadow = copy.deepcopy(model).eval()
         for p in self.shadow.parameters():
             p.requires_grad_(False)

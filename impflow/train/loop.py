@@ -54,7 +54,7 @@ from impflow.train.checkpoint import (
     save_checkpoint,
 )
 from impflow.train.distributed import ProcessGroup, rank_seed, setup_process_group
-from impflow.train.ema import EMA
+from impflow.train.ema import EMA, check_decay
 
 __all__ = ["NonFiniteLossError", "Task", "TrainSettings", "train"]
 
@@ -185,9 +185,37 @@ def _adam(params, **options) -> torch.optim.Adam:
         return torch.optim.Adam(params, **options)
 
 
+def check_settings(settings: TrainSettings) -> None:
+    """Raises ``ValueError`` (``ImportError`` for a missing TensorBoard) for settings that would
+    otherwise fail only once the run has started: after its folder, the model and the first
+    step."""
+    check_decay(settings.ema_decay, "ema_decay")
+    try:
+        torch.device(settings.device)
+    except (RuntimeError, TypeError) as err:
+        raise ValueError(
+            f"device must be a torch device such as 'cpu' or 'cuda:0' ({err})"
+        ) from err
+    if settings.dtype not in DTYPES:
+        raise ValueError(f"dtype must be one of {sorted(DTYPES)}, got {settings.dtype!r}")
+    if settings.tensorboard:
+        _summary_writer_class()
+
+
+def _summary_writer_class():
+    try:
+        from torch.utils.tensorboard import SummaryWriter
+    except ImportError as err:
+        raise ImportError(
+            "--tensorboard needs the tensorboard package: pip install tensorboard"
+        ) from err
+    return SummaryWriter
+
+
 def train(task: Task, settings: TrainSettings) -> dict:
     """Runs ``task`` under ``settings``; returns the metrics also written to metrics.json (in a
     multi-process run, rank 0's metrics on every rank)."""
+    check_settings(settings)
     group, device = setup_process_group(
         torch.device(settings.device), settings.distributed, settings.backend
     )
@@ -204,8 +232,6 @@ def train(task: Task, settings: TrainSettings) -> dict:
 def _train(task: Task, settings: TrainSettings, group: ProcessGroup, device) -> dict:
     out = Path(settings.out)
     ckpt_path = out / CHECKPOINT_NAME
-    if settings.dtype not in DTYPES:
-        raise ValueError(f"dtype must be one of {sorted(DTYPES)}, got {settings.dtype!r}")
     dtype = DTYPES[settings.dtype]
     config = {"task": task.name, **task.config(), "dtype": settings.dtype}
     _check_batch_size(getattr(task, "batch_size", None), group)
@@ -501,13 +527,7 @@ class _Log:
         self.writer = None
         self.tb = None
         if settings.tensorboard:
-            try:
-                from torch.utils.tensorboard import SummaryWriter
-            except ImportError as err:
-                raise ImportError(
-                    "--tensorboard needs the tensorboard package: pip install tensorboard"
-                ) from err
-            self.tb = SummaryWriter(str(out / "tensorboard"))
+            self.tb = _summary_writer_class()(str(out / "tensorboard"))
 
     def write(self, row: dict) -> None:
         if self.writer is None:
