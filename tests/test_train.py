@@ -71,6 +71,21 @@ def test_resume_continues_exactly(tmp_path, model, steps):
     assert int(rows[-1].split(",")[0]) == steps
 
 
+def test_resume_drops_the_log_rows_after_the_checkpoint(tmp_path):
+    # A run killed after its last checkpoint has logged steps that the resumed run logs again:
+    # they appeared twice in log.csv.
+    train(QuickToy(), settings(tmp_path, steps=10, ckpt_every=10, log_every=5))
+    log = tmp_path / "log.csv"
+    header = log.read_text().splitlines()[0]
+    with open(log, "a") as f:
+        f.write("15,0.1,-123.0" + "," * (header.count(",") - 2) + "\n")  # the killed run's row
+    train(QuickToy(), settings(tmp_path, steps=20, ckpt_every=10, log_every=5, resume=True))
+    rows = log.read_text().strip().splitlines()
+    assert rows[0] == header
+    assert [int(r.split(",")[0]) for r in rows[1:]] == [1, 5, 10, 15, 20]
+    assert "-123.0" not in log.read_text()
+
+
 def test_resume_without_checkpoint_is_an_error(tmp_path):
     with pytest.raises(FileNotFoundError, match="no checkpoint"):
         train(QuickToy(), settings(tmp_path, steps=2, resume=True))

@@ -37,6 +37,7 @@ import csv
 import gc
 import json
 import math
+import os
 import time
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
@@ -308,7 +309,8 @@ def _train(task: Task, settings: TrainSettings, group: ProcessGroup, device) -> 
             "--grad-clip"
         )
 
-    log = _Log(out, settings, resume=settings.resume) if group.is_main else None
+    resume_step = state.step if settings.resume else None
+    log = _Log(out, settings, resume_step) if group.is_main else None
     bar = _progress(settings, state.step) if group.is_main else None
     try:
         while state.step < settings.steps:
@@ -518,12 +520,30 @@ def _progress(settings: TrainSettings, initial: int):
     return tqdm(total=settings.steps, initial=initial, dynamic_ncols=True)
 
 
-class _Log:
-    """log.csv (appended on resume), and TensorBoard scalars when asked for."""
+def _drop_rows_after(path: Path, step: int) -> None:
+    """Removes the rows of steps after ``step`` (logged after the last checkpoint of a run that
+    was killed: the resumed run logs them again), atomically."""
+    with open(path, newline="") as f:
+        rows = list(csv.reader(f))
+    if not rows or rows[0][:1] != ["step"]:
+        return
+    kept = [rows[0]] + [r for r in rows[1:] if r and r[0].isdigit() and int(r[0]) <= step]
+    if len(kept) == len(rows):
+        return
+    partial = path.with_name(path.name + ".partial")
+    with open(partial, "w", newline="") as f:
+        csv.writer(f).writerows(kept)
+    os.replace(partial, path)
 
-    def __init__(self, out: Path, settings: TrainSettings, resume: bool):
+
+class _Log:
+    """log.csv (continued on resume), and TensorBoard scalars when asked for."""
+
+    def __init__(self, out: Path, settings: TrainSettings, resume_step: int | None):
         self.path = out / "log.csv"
-        self.file = open(self.path, "a" if resume else "w", newline="")
+        if resume_step is not None and self.path.exists():
+            _drop_rows_after(self.path, resume_step)
+        self.file = open(self.path, "a" if resume_step is not None else "w", newline="")
         self.writer = None
         self.tb = None
         if settings.tensorboard:
