@@ -5,6 +5,7 @@ import json
 import math
 import subprocess
 import sys
+import warnings
 
 import pytest
 import torch
@@ -17,7 +18,7 @@ from impflow.train.checkpoint import (
 )
 from impflow.train.cli import main
 from impflow.train.fit1d import Fit1dTask
-from impflow.train.loop import NonFiniteLossError, TrainSettings, train
+from impflow.train.loop import NonFiniteLossError, ResumeWarning, TrainSettings, train
 from impflow.train.toy import ToyTask
 
 
@@ -84,6 +85,21 @@ def test_resume_drops_the_log_rows_after_the_checkpoint(tmp_path):
     assert rows[0] == header
     assert [int(r.split(",")[0]) for r in rows[1:]] == [1, 5, 10, 15, 20]
     assert "-123.0" not in log.read_text()
+
+
+def test_resume_warns_when_the_cosine_schedule_or_the_step_count_breaks_continuity(tmp_path):
+    # The learning rate jumped (cosine follows --steps), or nothing was trained, silently.
+    cosine = dict(lr_schedule="cosine", ckpt_every=10**6)
+    train(QuickToy(), settings(tmp_path, steps=4, **cosine))
+    with pytest.warns(ResumeWarning, match=r"another schedule \(steps 4 -> 8\)"):
+        train(QuickToy(), settings(tmp_path, steps=8, resume=True, **cosine))
+    with pytest.warns(ResumeWarning, match="the checkpoint is at step 8, not before --steps 6"):
+        train(QuickToy(), settings(tmp_path, steps=6, resume=True, **cosine))
+    constant = tmp_path / "constant"
+    train(QuickToy(), settings(constant, steps=4, lr_schedule="constant"))
+    with warnings.catch_warnings():
+        warnings.simplefilter("error", ResumeWarning)  # extending a constant schedule is exact
+        train(QuickToy(), settings(constant, steps=8, resume=True, lr_schedule="constant"))
 
 
 def test_resume_without_checkpoint_is_an_error(tmp_path):

@@ -39,6 +39,7 @@ import json
 import math
 import os
 import time
+import warnings
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
@@ -46,6 +47,7 @@ import torch
 from torch import nn
 from torch.nn.parallel import DistributedDataParallel
 
+from impflow._warnings import caller_stacklevel
 from impflow.nn._flow_common import NonFiniteError
 from impflow.train.checkpoint import (
     capture_rng_state,
@@ -57,7 +59,7 @@ from impflow.train.checkpoint import (
 from impflow.train.distributed import ProcessGroup, rank_seed, setup_process_group
 from impflow.train.ema import EMA, check_decay
 
-__all__ = ["NonFiniteLossError", "Task", "TrainSettings", "train"]
+__all__ = ["NonFiniteLossError", "ResumeWarning", "Task", "TrainSettings", "train"]
 
 CHECKPOINT_NAME = "checkpoint.pt"
 DTYPES = {"float32": torch.float32, "float64": torch.float64}
@@ -83,6 +85,43 @@ def _progress_of(step: int, seconds: float, settings) -> float:
     if settings.time_budget:
         progress = max(progress, seconds / settings.time_budget)
     return progress
+
+
+class ResumeWarning(UserWarning):
+    """A resumed run will not continue as the run that wrote the checkpoint would have."""
+
+
+def _schedule_of(settings) -> dict:
+    return {
+        "lr_schedule": settings.lr_schedule,
+        "steps": settings.steps,
+        "time_budget": settings.time_budget,
+    }
+
+
+def _warn_about_resumed_schedule(saved: dict | None, settings, step: int) -> None:
+    """Warns when resuming changes where the learning-rate schedule stands (a cosine schedule
+    follows --steps and --time-budget), or when the checkpoint is past --steps already."""
+    if step >= settings.steps:
+        warnings.warn(
+            f"the checkpoint is at step {step}, not before --steps {settings.steps}: there is "
+            "nothing left to train (raise --steps to train on)",
+            ResumeWarning,
+            stacklevel=caller_stacklevel(),
+        )
+    if saved is None or settings.lr_schedule == "constant":
+        return
+    now = _schedule_of(settings)
+    changed = {k: (saved.get(k), v) for k, v in now.items() if saved.get(k) != v}
+    if changed:
+        what = ", ".join(f"{k} {a!r} -> {b!r}" for k, (a, b) in changed.items())
+        warnings.warn(
+            f"resuming with another schedule ({what}): the {settings.lr_schedule} learning "
+            "rate follows --steps and --time-budget, so it jumps here and the run will not "
+            "match one that ran straight through",
+            ResumeWarning,
+            stacklevel=caller_stacklevel(),
+        )
 
 
 class NonFiniteLossError(RuntimeError):
@@ -264,6 +303,8 @@ def _train(task: Task, settings: TrainSettings, group: ProcessGroup, device) -> 
             ema = EMA(model, settings.ema_decay)
             load_module_state(ema, ckpt["ema"], what="EMA")
         state = _RunState(ckpt["step"], ckpt["seconds"], list(ckpt.get("history", [])))
+        if group.is_main:
+            _warn_about_resumed_schedule(ckpt.get("schedule"), settings, state.step)
         _restore_rng(ckpt, group, settings.seed, state.step, data_gen)
     elif group.rank > 0:
         torch.manual_seed(rank_seed(settings.seed, group.rank))
@@ -294,6 +335,7 @@ def _train(task: Task, settings: TrainSettings, group: ProcessGroup, device) -> 
                 "seconds": state.seconds,
                 "history": state.history,
                 "world_size": group.world_size,
+                "schedule": _schedule_of(settings),
             }
             if group.distributed:
                 payload["rng_per_rank"] = rng
