@@ -109,10 +109,12 @@ def _warn_about_resumed_schedule(saved: dict | None, settings, step: int) -> Non
             ResumeWarning,
             stacklevel=caller_stacklevel(),
         )
-    if saved is None or settings.lr_schedule == "constant":
+    if saved is None:
         return
     now = _schedule_of(settings)
     changed = {k: (saved.get(k), v) for k, v in now.items() if saved.get(k) != v}
+    if saved.get("lr_schedule") == now["lr_schedule"] == "constant":
+        changed = {}  # a constant rate does not follow --steps or --time-budget
     if changed:
         what = ", ".join(f"{k} {a!r} -> {b!r}" for k, (a, b) in changed.items())
         warnings.warn(
