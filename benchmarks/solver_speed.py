@@ -9,6 +9,9 @@ For each (B, d, m) and device it times, side by side in one run:
     bookkeeping are the fused ops or their plain-PyTorch references);
 and reports the bytes one step must move (each history read once, the vectors read, the new
 pair and the step written), the achieved GB/s and the copy bandwidth measured in the same run.
+Before its figures count, each configuration checks that both sides compute the same: the
+step's error against float64, and the two solves' iterates and step counts; the script exits
+with code 1 when they disagree.
 Fused and reference are timed in turns, in blocks of about 50 ms: each is measured warm, as in
 a loop, and load drifting on a shared machine hits both alike, which keeps the ratio steady.
 
@@ -70,6 +73,41 @@ def coupled_contraction(B, d, dtype, device, seed=1):
     return fn
 
 
+def _relative_error(out, truth):
+    return float((out.double() - truth).norm() / truth.norm().clamp_min(1e-300))
+
+
+def step_errors(B, d, m, dtype, device):
+    """Relative errors of the fused and the reference step (the step and the new pair) against
+    the reference run in float64 on the same values."""
+    slot, outputs = m // 2, {}
+    for name, op in (("fused", broyden_step), ("reference", broyden_step_reference)):
+        state = step_state(B, d, m, dtype, device, name)
+        outputs[name] = (op(*state, slot, m), state[0][:, slot], state[1][:, slot])
+    state = step_state(B, d, m, dtype, device, "reference")
+    state = [t.double() if t.is_floating_point() else t for t in state]
+    truth = (broyden_step_reference(*state, slot, m), state[0][:, slot], state[1][:, slot])
+    return {
+        name: max(_relative_error(o, t) for o, t in zip(outputs[name], truth)) for name in outputs
+    }
+
+
+def check_agreement(row, dtype):
+    """What makes the timings comparable: the fused step is as accurate as the reference
+    (against float64; a d = 2 history is ill-conditioned, so both err there), and both solves
+    end at the same iterates after the same mean number of steps."""
+    eps = torch.finfo(dtype).eps
+    problems = []
+    if row["step_fused_error"] > 4 * row["step_reference_error"] + 32 * eps:
+        fused, reference = row["step_fused_error"], row["step_reference_error"]
+        problems.append(f"step error {fused:.2e} (reference {reference:.2e})")
+    if row["solve_max_difference"] > 1e3 * eps * max(1.0, row["solve_max_abs_z"]):
+        problems.append(f"solves differ by {row['solve_max_difference']:.2e}")
+    if abs(row["solve_fused_mean_steps"] - row["solve_reference_mean_steps"]) > 0.05:
+        problems.append("solves took different numbers of steps")
+    return problems
+
+
 def bench_config(B, d, m, device, dtype, min_seconds):
     itemsize = torch.finfo(dtype).bits // 8
     row = {"B": B, "d": d, "m": m, "device": str(device), "dtype": str(dtype).replace("torch.", "")}
@@ -81,11 +119,13 @@ def bench_config(B, d, m, device, dtype, min_seconds):
     seconds, n = interleaved_medians(list(steps.values()), device, min_seconds, **BLOCKS)
     for name, sec in zip(steps, seconds):
         row[f"step_{name}_ms"] = sec * 1e3
-    row["step_repeats"] = n
+    row["step_fused_repeats"] = n  # the reference, slower, ran fewer in the same time
     row["step_bytes"] = step_bytes(B, d, m, itemsize)
     row["step_fused_GBps"] = row["step_bytes"] / (row["step_fused_ms"] / 1e3) / 1e9
     row["step_reference_GBps"] = row["step_bytes"] / (row["step_reference_ms"] / 1e3) / 1e9
     row["step_speedup"] = row["step_reference_ms"] / row["step_fused_ms"]
+    errors = step_errors(B, d, m, dtype, device)
+    row["step_fused_error"], row["step_reference_error"] = errors["fused"], errors["reference"]
 
     fn = coupled_contraction(B, d, dtype, device)
     z0 = torch.zeros(B, d, dtype=dtype, device=device)
@@ -98,13 +138,17 @@ def bench_config(B, d, m, device, dtype, min_seconds):
     seconds, n = interleaved_medians(
         list(solves.values()), device, min_seconds, min_repeats=3, **BLOCKS
     )
-    row["solve_repeats"] = n
+    row["solve_fused_repeats"] = n
+    roots = {}
     for (name, solve), sec in zip(solves.items(), seconds):
-        _, stats = solve()
+        roots[name], stats = solve()
         row[f"solve_{name}_ms"] = sec * 1e3
         row[f"solve_{name}_mean_steps"] = float(stats.nstep.float().mean())
         row[f"solve_{name}_max_residual"] = float(stats.residual.max())
     row["solve_speedup"] = row["solve_reference_ms"] / row["solve_fused_ms"]
+    row["solve_max_difference"] = float((roots["fused"] - roots["reference"]).abs().max())
+    row["solve_max_abs_z"] = float(roots["reference"].abs().max())
+    row["problems"] = check_agreement(row, dtype)
     return row
 
 
@@ -128,6 +172,13 @@ def print_table(rows, bandwidths):
         print(f"copy bandwidth on {device}: {bw:.1f} GB/s (read + write, measured in this run)")
 
 
+def positive_seconds(text):
+    value = float(text)
+    if not value > 0 or value == float("inf"):
+        raise argparse.ArgumentTypeError(f"must be a finite number of seconds > 0, got {text}")
+    return value
+
+
 def main(argv=None):
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument(
@@ -139,7 +190,7 @@ def main(argv=None):
     parser.add_argument("--dtype", choices=["float32", "float64"], default="float32")
     parser.add_argument("--quick", action="store_true", help="small sizes (a smoke run)")
     parser.add_argument(
-        "--min-seconds", type=float, default=1.0, help="timing budget per measurement"
+        "--min-seconds", type=positive_seconds, default=1.0, help="timing budget per measurement"
     )
     parser.add_argument("--out", default="results/solver_speed.json", help="JSON output path")
     args = parser.parse_args(argv)
@@ -171,6 +222,15 @@ def main(argv=None):
         },
     )
     print(f"wrote {args.out}")
+    failed = [r for r in rows if r["problems"]]
+    for r in failed:
+        print(
+            f"error: fused and reference disagree at {r['device']} B={r['B']} d={r['d']} "
+            f"m={r['m']}: {'; '.join(r['problems'])}",
+            file=sys.stderr,
+        )
+    if failed:
+        sys.exit(1)
 
 
 if __name__ == "__main__":
