@@ -4,6 +4,7 @@ import json
 import os
 import platform
 import statistics
+import sys
 import time
 
 import torch
@@ -103,3 +104,14 @@ def write_json(path, payload):
     with open(tmp, "w") as handle:
         json.dump(payload, handle, indent=2)
     os.replace(tmp, path)
+
+
+def exit_if_disagreeing(rows, key, limit, what):
+    """Exits with code 1 (after the table and the JSON are out) when a row's ``key``, a
+    difference between the two sides of its ratios, exceeds ``limit``: timings of two paths
+    that compute different things are not a speed-up."""
+    bad = [r for r in rows if not r[key] <= limit]  # NaN fails too
+    for r in bad:
+        print(f"error: {what} differ by {r[key]:.2e} > {limit:g} in {r}", file=sys.stderr)
+    if bad:
+        sys.exit(1)

@@ -31,6 +31,7 @@ import impflow  # noqa: E402
 import impflow.logdet as L  # noqa: E402
 import impflow.nn as inn  # noqa: E402
 from _timing import (  # noqa: E402
+    exit_if_disagreeing,
     interleaved_medians,
     machine_facts,
     write_json,
@@ -174,6 +175,8 @@ def main(argv=None):
         },
     )
     print(f"wrote {args.out}")
+    # float32 rounding leaves these near 1e-7; a wrong path leaves far more.
+    exit_if_disagreeing(rows, "max_abs_difference", 1e-4, "the three log-dets")
 
 
 if __name__ == "__main__":

@@ -24,7 +24,7 @@ sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 
 import impflow.logdet as L  # noqa: E402
 import impflow.nn as inn  # noqa: E402
-from _timing import machine_facts, median_seconds, synchronize, write_json  # noqa: E402
+from _timing import exit_if_disagreeing, machine_facts, median_seconds, synchronize, write_json  # noqa: E402
 
 
 def _storage_bytes(tensors, exclude):
@@ -168,6 +168,10 @@ def main(argv=None):
         },
     )
     print(f"wrote {args.out}")
+    # float32 rounding leaves these near 1e-7; a wrong path leaves far more.
+    exit_if_disagreeing(
+        rows, "max_grad_difference", 1e-4, "the plain and backward-in-forward gradients"
+    )
 
 
 if __name__ == "__main__":

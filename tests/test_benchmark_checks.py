@@ -9,6 +9,7 @@ import torch
 
 sys.path.insert(0, os.path.join(os.path.dirname(os.path.dirname(__file__)), "benchmarks"))
 
+import _timing  # noqa: E402
 import power_iteration as power_benchmark  # noqa: E402
 import solver_speed  # noqa: E402
 
@@ -55,3 +56,13 @@ def test_power_iteration_benchmark_agrees_and_fails_a_wrong_step_count(monkeypat
     update = power_benchmark.inn.update_lipschitz
     monkeypatch.setattr(power_benchmark.inn, "update_lipschitz", lambda m, n: update(m, 1))
     assert not power_benchmark.bench("cpu", 1, 20, min_seconds=0.01)["agree"]
+
+
+def test_the_log_det_benchmarks_fail_on_disagreement():
+    # logdet.py, exact_logdet.py and logdet_memory.py recorded their differences and never
+    # failed on them.
+    _timing.exit_if_disagreeing([{"diff": 3e-7}], "diff", 1e-4, "paths")  # passes
+    for bad in (2e-4, float("nan")):
+        with pytest.raises(SystemExit) as err:
+            _timing.exit_if_disagreeing([{"diff": 3e-7}, {"diff": bad}], "diff", 1e-4, "paths")
+        assert err.value.code == 1
