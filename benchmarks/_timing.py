@@ -1,6 +1,8 @@
 """Timing helpers shared by the benchmarks: synchronised medians and machine facts."""
 
+import argparse
 import json
+import math
 import os
 import platform
 import statistics
@@ -115,3 +117,25 @@ def exit_if_disagreeing(rows, key, limit, what):
         print(f"error: {what} differ by {r[key]:.2e} > {limit:g} in {r}", file=sys.stderr)
     if bad:
         sys.exit(1)
+
+
+def positive_int(text):
+    """argparse type: an integer >= 1 (a batch, a width, a count of threads or steps)."""
+    try:
+        value = int(text)
+    except ValueError:
+        value = 0
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"must be an integer >= 1, got {text!r}")
+    return value
+
+
+def positive_seconds(text):
+    """argparse type: a finite number of seconds > 0."""
+    try:
+        value = float(text)
+    except ValueError:
+        value = math.nan
+    if not 0 < value < math.inf:
+        raise argparse.ArgumentTypeError(f"must be a finite number of seconds > 0, got {text!r}")
+    return value

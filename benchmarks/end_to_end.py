@@ -4,7 +4,7 @@
 Models (the tasks' own builders and data, so the numbers are those of the CLI's runs):
 
   toy      checkerboard, ImpFlow 4 blocks vs ResFlow 8 blocks (the paper's comparison), Sin MLPs
-           2-128-128-2, exact log-det; training batch 500, 500 samples
+           2-64-64-2 (the toy task's default width), exact log-det; training batch 500, 500 samples
   digits   8×8 digits multi-scale flow, ImpFlow 2-2 blocks vs ResFlow 4-4 (the same number of
            3-1-3 LipSwish convnets, 32 channels), series log-det; training batch 64, 64 samples
 
@@ -33,7 +33,7 @@ import torch
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 
 import impflow  # noqa: E402
-from _timing import interleaved_medians, machine_facts, write_json  # noqa: E402
+from _timing import interleaved_medians, machine_facts, positive_int, write_json  # noqa: E402
 from impflow.nn import update_lipschitz  # noqa: E402
 from impflow.train.evaluation import count_parameters  # noqa: E402
 from impflow.train.image import ImageTask  # noqa: E402
@@ -139,7 +139,7 @@ def bench_model(name, device, sizes, min_repeats, min_seconds):
 def print_table(rows):
     header = (
         f"{'device':6} {'model':6} {'kind':8} {'blocks':>7} {'params':>7} {'batch':>5} | "
-        f"{'train it/s':>10} {'x':>5} {'iters':>5} | {'samples/s':>10} {'x':>5}"
+        f"{'train it/s':>10} {'t/t':>5} {'iters':>5} | {'samples/s':>10} {'t/t':>5}"
     )
     print(header)
     print("-" * len(header))
@@ -154,7 +154,8 @@ def print_table(rows):
             f"{r['samples_per_s']:>10.1f} {ratio_s:>5}"
         )
     print(
-        "x: ImpFlow's time per step (or per sampling call) over ResFlow's, same run; "
+        "t/t: ImpFlow's time per step (or per sampling call) over ResFlow's, same run (not a "
+        "speed-up: above 1, ImpFlow is slower); "
         "iters: mean forward solver iterations per ImpFlow block in training"
     )
 
@@ -172,7 +173,7 @@ def main(argv=None):
     parser.add_argument(
         "--min-seconds", type=float, default=None, help="timing budget per measurement"
     )
-    parser.add_argument("--threads", type=int, default=None, help="CPU threads (torch)")
+    parser.add_argument("--threads", type=positive_int, default=None, help="CPU threads (torch)")
     parser.add_argument("--out", default="results/end_to_end.json", help="JSON output path")
     args = parser.parse_args(argv)
     if args.threads is not None:

@@ -44,13 +44,15 @@ sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 import impflow  # noqa: E402
 import impflow.logdet as L  # noqa: E402
 import impflow.nn as inn  # noqa: E402
-from _timing import (  # noqa: E402
+from _timing import (
     exit_if_disagreeing,
     interleaved_medians,
     machine_facts,
+    positive_int,
+    positive_seconds,
     synchronize,
     write_json,
-)
+)  # noqa: E402
 
 DIMS = [2, 16, 64]
 QUICK_DIMS = [2, 16]
@@ -266,14 +268,16 @@ def print_table(rows):
 def main(argv=None):
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--device", choices=["all", "cpu", "cuda"], default="all")
-    parser.add_argument("--batch", type=int, default=1000)
-    parser.add_argument("--hidden", type=int, default=128)
-    parser.add_argument("--layers", type=int, default=2, help="hidden layers")
-    parser.add_argument("--dims", type=int, nargs="+", default=None)
+    parser.add_argument("--batch", type=positive_int, default=1000)
+    parser.add_argument("--hidden", type=positive_int, default=128)
+    parser.add_argument("--layers", type=positive_int, default=2, help="hidden layers")
+    parser.add_argument("--dims", type=positive_int, nargs="+", default=None)
     parser.add_argument("--modes", nargs="+", choices=MODES, default=MODES)
-    parser.add_argument("--threads", type=int, default=None, help="CPU threads (torch default)")
+    parser.add_argument(
+        "--threads", type=positive_int, default=None, help="CPU threads (torch default)"
+    )
     parser.add_argument("--quick", action="store_true", help="small sizes, a smoke run")
-    parser.add_argument("--min-seconds", type=float, default=1.0)
+    parser.add_argument("--min-seconds", type=positive_seconds, default=1.0)
     parser.add_argument("--out", default="results/logdet.json")
     args = parser.parse_args(argv)
     if args.threads is not None:

@@ -24,7 +24,15 @@ sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 
 import impflow.logdet as L  # noqa: E402
 import impflow.nn as inn  # noqa: E402
-from _timing import exit_if_disagreeing, machine_facts, median_seconds, synchronize, write_json  # noqa: E402
+from _timing import (
+    exit_if_disagreeing,
+    machine_facts,
+    median_seconds,
+    positive_int,
+    positive_seconds,
+    synchronize,
+    write_json,
+)  # noqa: E402
 
 
 def _storage_bytes(tensors, exclude):
@@ -123,11 +131,11 @@ def bench(device, batch, width, depth, min_seconds):
 def main(argv=None):
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--device", choices=["all", "cpu", "cuda"], default="all")
-    parser.add_argument("--batch", type=int, default=512)
-    parser.add_argument("--width", type=int, default=256)
-    parser.add_argument("--depth", type=int, default=3)
+    parser.add_argument("--batch", type=positive_int, default=512)
+    parser.add_argument("--width", type=positive_int, default=256)
+    parser.add_argument("--depth", type=positive_int, default=3)
     parser.add_argument("--quick", action="store_true", help="small network, short timing")
-    parser.add_argument("--min-seconds", type=float, default=1.0)
+    parser.add_argument("--min-seconds", type=positive_seconds, default=1.0)
     parser.add_argument("--out", default="results/logdet_memory.json")
     args = parser.parse_args(argv)
     if args.quick:

@@ -20,7 +20,7 @@ sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 
 import impflow  # noqa: E402
 import impflow.nn as inn  # noqa: E402
-from _timing import interleaved_medians, machine_facts, write_json  # noqa: E402
+from _timing import interleaved_medians, machine_facts, positive_int, positive_seconds, write_json  # noqa: E402
 
 DIMS = [6, 128, 128, 128, 128, 6]
 
@@ -96,20 +96,6 @@ def bench(device, n_networks, n_iterations, min_seconds):
         **differences,
         "agree": max(differences.values()) <= TOLERANCE,
     }
-
-
-def positive_int(text):
-    value = int(text)
-    if value < 1:
-        raise argparse.ArgumentTypeError(f"must be an integer >= 1, got {text}")
-    return value
-
-
-def positive_seconds(text):
-    value = float(text)
-    if not 0 < value < float("inf"):
-        raise argparse.ArgumentTypeError(f"must be a finite number of seconds > 0, got {text}")
-    return value
 
 
 def main(argv=None):

@@ -29,7 +29,7 @@ import torch
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 
 import impflow  # noqa: E402
-from _timing import copy_bandwidth, interleaved_medians, machine_facts, write_json  # noqa: E402
+from _timing import copy_bandwidth, interleaved_medians, machine_facts, positive_seconds, write_json  # noqa: E402
 from impflow.ops import broyden_step  # noqa: E402
 from impflow.ops.reference import broyden_step_reference  # noqa: E402
 from impflow.solvers import broyden  # noqa: E402
@@ -170,13 +170,6 @@ def print_table(rows, bandwidths):
         )
     for device, bw in bandwidths.items():
         print(f"copy bandwidth on {device}: {bw:.1f} GB/s (read + write, measured in this run)")
-
-
-def positive_seconds(text):
-    value = float(text)
-    if not value > 0 or value == float("inf"):
-        raise argparse.ArgumentTypeError(f"must be a finite number of seconds > 0, got {text}")
-    return value
 
 
 def main(argv=None):

@@ -61,11 +61,7 @@ from _original_impflow import (  # noqa: E402
     OriginalResidualBlock,
     stored_vectors,
 )
-from _timing import (  # noqa: E402
-    interleaved_medians,
-    machine_facts,
-    write_json,
-)
+from _timing import interleaved_medians, machine_facts, positive_int, positive_seconds, write_json  # noqa: E402
 from impflow.data.toy import sample_toy  # noqa: E402
 from impflow.logdet import exact_logdet  # noqa: E402
 
@@ -578,15 +574,19 @@ def problems(rows):
 def main(argv=None):
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--device", choices=["all", "cpu", "cuda"], default="all")
-    parser.add_argument("--batch", type=int, default=5000)
-    parser.add_argument("--hidden", type=int, default=128)
+    parser.add_argument("--batch", type=positive_int, default=5000)
+    parser.add_argument("--hidden", type=positive_int, default=128)
     parser.add_argument("--states", nargs="+", choices=["fresh", "trained"], default=None)
-    parser.add_argument("--train-steps", type=int, default=300, help="steps of the trained state")
-    parser.add_argument("--train-batch", type=int, default=1000)
+    parser.add_argument(
+        "--train-steps", type=positive_int, default=300, help="steps of the trained state"
+    )
+    parser.add_argument("--train-batch", type=positive_int, default=1000)
     parser.add_argument("--train-lr", type=float, default=1e-3)
-    parser.add_argument("--threads", type=int, default=None, help="CPU threads (torch default)")
+    parser.add_argument(
+        "--threads", type=positive_int, default=None, help="CPU threads (torch default)"
+    )
     parser.add_argument("--quick", action="store_true", help="small sizes, a smoke run")
-    parser.add_argument("--min-seconds", type=float, default=2.0)
+    parser.add_argument("--min-seconds", type=positive_seconds, default=2.0)
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--out", default="results/train_step.json")
     args = parser.parse_args(argv)
