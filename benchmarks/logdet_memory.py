@@ -26,8 +26,8 @@ import impflow.logdet as L  # noqa: E402
 import impflow.nn as inn  # noqa: E402
 from _timing import (
     exit_if_disagreeing,
+    interleaved_medians,
     machine_facts,
-    median_seconds,
     positive_int,
     positive_seconds,
     synchronize,
@@ -98,22 +98,22 @@ def bench(device, batch, width, depth, min_seconds):
         else:
             weights = torch.rand(batch, device=device) + 0.5
         row = {"device": device, "batch": batch, "width": width, "depth": depth, "loss": loss}
-        grads = {}
+        grads, steps = {}, {}
         for bif in (False, True):
             name = "bif" if bif else "plain"
 
-            def step():
+            def step(bif=bif):
                 g.zero_grad(set_to_none=True)
                 x.grad = None
                 (weights * _forward(g, x, bif)).sum().backward()
 
+            steps[name] = step
             step()
             grads[name] = torch.cat(
                 [x.grad.flatten()]
                 + [p.grad.flatten() for p in g.parameters() if p.grad is not None]
             )
             row[f"{name}_held_MB"] = held_bytes(g, x, bif) / 2**20
-            row[f"{name}_ms"] = median_seconds(step, device, min_seconds=min_seconds)[0] * 1e3
             if device == "cuda":
                 held, peak = cuda_bytes(g, x, bif, weights)
                 row[f"{name}_cuda_held_MB"], row[f"{name}_cuda_peak_MB"] = (
@@ -121,6 +121,10 @@ def bench(device, batch, width, depth, min_seconds):
                     peak / 2**20,
                 )
             synchronize(device)
+        # In turns, so that drifting load hits both sides of the ratio alike.
+        seconds, _ = interleaved_medians(list(steps.values()), device, min_seconds)
+        for name, sec in zip(steps, seconds):
+            row[f"{name}_ms"] = sec * 1e3
         row["held_ratio"] = row["plain_held_MB"] / max(row["bif_held_MB"], 1e-12)
         row["time_ratio"] = row["bif_ms"] / row["plain_ms"]
         row["max_grad_difference"] = float((grads["plain"] - grads["bif"]).abs().max())
