@@ -139,3 +139,12 @@ def positive_seconds(text):
     if not 0 < value < math.inf:
         raise argparse.ArgumentTypeError(f"must be a finite number of seconds > 0, got {text!r}")
     return value
+
+
+def apply_quick(parser, args, **smaller):
+    """``--quick``: the options left at their defaults take the ``smaller`` values (a smoke
+    run); an option given on the command line keeps its value."""
+    if args.quick:
+        for name, value in smaller.items():
+            if getattr(args, name) == parser.get_default(name):
+                setattr(args, name, value)

@@ -31,6 +31,7 @@ import impflow  # noqa: E402
 import impflow.logdet as L  # noqa: E402
 import impflow.nn as inn  # noqa: E402
 from _timing import (
+    apply_quick,
     exit_if_disagreeing,
     interleaved_medians,
     machine_facts,
@@ -137,15 +138,18 @@ def main(argv=None):
     parser.add_argument(
         "--threads", type=positive_int, default=None, help="CPU threads (torch default)"
     )
-    parser.add_argument("--quick", action="store_true", help="small sizes, a smoke run")
+    parser.add_argument(
+        "--quick",
+        action="store_true",
+        help="small sizes, a smoke run (options given on the command line are kept)",
+    )
     parser.add_argument("--min-seconds", type=positive_seconds, default=1.0)
     parser.add_argument("--out", default="results/exact_logdet.json")
     args = parser.parse_args(argv)
     if args.threads is not None:
         torch.set_num_threads(args.threads)
-    dims = args.dims or (QUICK_DIMS if args.quick else DIMS)
-    if args.quick:
-        args.batch, args.hidden, args.min_seconds = 300, 32, 0.05
+    apply_quick(parser, args, dims=QUICK_DIMS, batch=300, hidden=32, min_seconds=0.05)
+    dims = args.dims or DIMS
     has_gpu = torch.cuda.is_available()
     if args.device == "cuda" and not has_gpu:
         parser.error("--device cuda needs a CUDA GPU")

@@ -45,6 +45,7 @@ import impflow  # noqa: E402
 import impflow.logdet as L  # noqa: E402
 import impflow.nn as inn  # noqa: E402
 from _timing import (
+    apply_quick,
     exit_if_disagreeing,
     interleaved_medians,
     machine_facts,
@@ -276,15 +277,18 @@ def main(argv=None):
     parser.add_argument(
         "--threads", type=positive_int, default=None, help="CPU threads (torch default)"
     )
-    parser.add_argument("--quick", action="store_true", help="small sizes, a smoke run")
+    parser.add_argument(
+        "--quick",
+        action="store_true",
+        help="small sizes, a smoke run (options given on the command line are kept)",
+    )
     parser.add_argument("--min-seconds", type=positive_seconds, default=1.0)
     parser.add_argument("--out", default="results/logdet.json")
     args = parser.parse_args(argv)
     if args.threads is not None:
         torch.set_num_threads(args.threads)
-    batch = 100 if args.quick else args.batch
-    dims = args.dims or (QUICK_DIMS if args.quick else DIMS)
-    min_seconds = 0.05 if args.quick else args.min_seconds
+    apply_quick(parser, args, batch=100, dims=QUICK_DIMS, min_seconds=0.05)
+    batch, dims, min_seconds = args.batch, args.dims or DIMS, args.min_seconds
     has_gpu = torch.cuda.is_available() and impflow.has_cuda_kernels()
     if args.device == "cuda" and not has_gpu:
         parser.error("--device cuda needs a CUDA GPU and impflow built with CUDA kernels")

@@ -25,6 +25,7 @@ sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 import impflow.logdet as L  # noqa: E402
 import impflow.nn as inn  # noqa: E402
 from _timing import (
+    apply_quick,
     exit_if_disagreeing,
     interleaved_medians,
     machine_facts,
@@ -138,12 +139,15 @@ def main(argv=None):
     parser.add_argument("--batch", type=positive_int, default=512)
     parser.add_argument("--width", type=positive_int, default=256)
     parser.add_argument("--depth", type=positive_int, default=3)
-    parser.add_argument("--quick", action="store_true", help="small network, short timing")
+    parser.add_argument(
+        "--quick",
+        action="store_true",
+        help="small network, short timing (options given on the command line are kept)",
+    )
     parser.add_argument("--min-seconds", type=positive_seconds, default=1.0)
     parser.add_argument("--out", default="results/logdet_memory.json")
     args = parser.parse_args(argv)
-    if args.quick:
-        args.batch, args.width, args.min_seconds = 64, 64, 0.1
+    apply_quick(parser, args, batch=64, width=64, min_seconds=0.1)
     has_gpu = torch.cuda.is_available()
     if args.device == "cuda" and not has_gpu:
         parser.error("--device cuda needs a CUDA GPU")

@@ -20,7 +20,14 @@ sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 
 import impflow  # noqa: E402
 import impflow.nn as inn  # noqa: E402
-from _timing import interleaved_medians, machine_facts, positive_int, positive_seconds, write_json  # noqa: E402
+from _timing import (
+    apply_quick,
+    interleaved_medians,
+    machine_facts,
+    positive_int,
+    positive_seconds,
+    write_json,
+)  # noqa: E402
 
 DIMS = [6, 128, 128, 128, 128, 6]
 
@@ -103,12 +110,16 @@ def main(argv=None):
     parser.add_argument("--device", choices=["all", "cpu", "cuda"], default="all")
     parser.add_argument("--networks", type=positive_int, default=40)
     parser.add_argument("--iterations", type=positive_int, default=20)
-    parser.add_argument("--quick", action="store_true", help="4 networks, short timing")
+    parser.add_argument(
+        "--quick",
+        action="store_true",
+        help="4 networks, short timing (options given on the command line are kept)",
+    )
     parser.add_argument("--min-seconds", type=positive_seconds, default=1.0)
     parser.add_argument("--out", default="results/power_iteration.json")
     args = parser.parse_args(argv)
-    networks = 4 if args.quick else args.networks
-    min_seconds = 0.1 if args.quick else args.min_seconds
+    apply_quick(parser, args, networks=4, min_seconds=0.1)
+    networks, min_seconds = args.networks, args.min_seconds
     has_gpu = torch.cuda.is_available() and impflow.has_cuda_kernels()
     if args.device == "cuda" and not has_gpu:
         parser.error("--device cuda needs a CUDA GPU and impflow built with CUDA kernels")

@@ -61,7 +61,14 @@ from _original_impflow import (  # noqa: E402
     OriginalResidualBlock,
     stored_vectors,
 )
-from _timing import interleaved_medians, machine_facts, positive_int, positive_seconds, write_json  # noqa: E402
+from _timing import (
+    apply_quick,
+    interleaved_medians,
+    machine_facts,
+    positive_int,
+    positive_seconds,
+    write_json,
+)  # noqa: E402
 from impflow.data.toy import sample_toy  # noqa: E402
 from impflow.logdet import exact_logdet  # noqa: E402
 
@@ -585,15 +592,18 @@ def main(argv=None):
     parser.add_argument(
         "--threads", type=positive_int, default=None, help="CPU threads (torch default)"
     )
-    parser.add_argument("--quick", action="store_true", help="small sizes, a smoke run")
+    parser.add_argument(
+        "--quick",
+        action="store_true",
+        help="small sizes, a smoke run (options given on the command line are kept)",
+    )
     parser.add_argument("--min-seconds", type=positive_seconds, default=2.0)
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--out", default="results/train_step.json")
     args = parser.parse_args(argv)
     if args.threads is not None:
         torch.set_num_threads(args.threads)
-    if args.quick:
-        args.batch, args.train_steps, args.train_batch, args.min_seconds = 500, 20, 200, 0.05
+    apply_quick(parser, args, batch=500, train_steps=20, train_batch=200, min_seconds=0.05)
     states = args.states or ["fresh", "trained"]
     has_gpu = torch.cuda.is_available() and impflow.has_cuda_kernels()
     if args.device == "cuda" and not has_gpu:

@@ -66,3 +66,17 @@ def test_the_log_det_benchmarks_fail_on_disagreement():
         with pytest.raises(SystemExit) as err:
             _timing.exit_if_disagreeing([{"diff": 3e-7}, {"diff": bad}], "diff", 1e-4, "paths")
         assert err.value.code == 1
+
+
+def test_quick_keeps_the_options_given_on_the_command_line():
+    # --quick --batch 0 ran with B = 100, silently: --quick replaced every size.
+    parser = _timing.argparse.ArgumentParser()
+    parser.add_argument("--batch", type=int, default=1000)
+    parser.add_argument("--width", type=int, default=128)
+    parser.add_argument("--quick", action="store_true")
+    args = parser.parse_args(["--quick", "--batch", "7"])
+    _timing.apply_quick(parser, args, batch=100, width=16)
+    assert (args.batch, args.width) == (7, 16)
+    args = parser.parse_args(["--batch", "7"])
+    _timing.apply_quick(parser, args, batch=100, width=16)
+    assert (args.batch, args.width) == (7, 128)
