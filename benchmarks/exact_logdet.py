@@ -96,7 +96,13 @@ def bench(device, d, mode, batch, hidden, min_seconds, seed=0):
     x = torch.randn(batch, d, device=device) * 0.5
     weights = torch.linspace(0.5, 1.5, batch, device=device)
     calls = [make_call(impl, mode, g, x, weights) for impl in IMPLS]
-    values = [call() for call in calls]
+    values, grads = [], []
+    for call in calls:
+        values.append(call())
+        if mode == "train":  # each call leaves its parameter gradients
+            grads.append(
+                torch.cat([p.grad.flatten() for p in g.parameters() if p.grad is not None])
+            )
     agree = max(float((v - values[-1]).abs().max()) for v in values)
     seconds, repeats = interleaved_medians(calls, device, min_seconds, min_repeats=7)
     ms = dict(zip(IMPLS, [s * 1e3 for s in seconds]))
@@ -110,6 +116,16 @@ def bench(device, d, mode, batch, hidden, min_seconds, seed=0):
         "speedup_vs_autograd": ms["autograd"] / ms["forward"],
         "speedup_vs_previous": ms["previous"] / ms["forward"],
         "max_abs_difference": agree,
+        **(
+            {
+                "max_rel_grad_difference": max(
+                    float((t - grads[-1]).abs().max() / grads[-1].abs().max().clamp_min(1e-30))
+                    for t in grads
+                )
+            }
+            if grads
+            else {}
+        ),
     }
 
 
@@ -185,6 +201,8 @@ def main(argv=None):
     print(f"wrote {args.out}")
     # float32 rounding leaves these near 1e-7; a wrong path leaves far more.
     exit_if_disagreeing(rows, "max_abs_difference", 1e-4, "the three log-dets")
+    with_grads = [r for r in rows if "max_rel_grad_difference" in r]
+    exit_if_disagreeing(with_grads, "max_rel_grad_difference", 1e-4, "their gradients")
 
 
 if __name__ == "__main__":

@@ -219,6 +219,15 @@ def bench(device, d, mode, batch, hidden, layers, min_seconds):
         outs[impl] = out.detach().double()
     difference = float((outs["fused"] - outs["autograd"]).abs().max())
     scale = float(outs["autograd"].abs().max())
+    grads = {}
+    for impl, (forward, backward) in calls.items():
+        if backward is None:  # the series and eval modes take no gradient
+            break
+        torch.manual_seed(1)
+        g.zero_grad(set_to_none=True)
+        forward().sum().backward()
+        grads[impl] = torch.cat([p.grad.flatten() for p in g.parameters() if p.grad is not None])
+        g.zero_grad(set_to_none=True)
     timed = [lambda f=f, b=b: run_once(f, b) for f, b in calls.values()]
     if mode == "series":
         timed += gemm_floor_calls(g, x, v)
@@ -233,6 +242,10 @@ def bench(device, d, mode, batch, hidden, layers, min_seconds):
         "repeats": repeats,
         "max_rel_difference": difference / max(scale, 1e-30),
     }
+    if grads:  # what the custom backward paths produce (graph, Neumann, backward-in-forward)
+        grad_difference = float((grads["fused"] - grads["autograd"]).abs().max())
+        grad_scale = float(grads["autograd"].abs().max())
+        row["max_rel_grad_difference"] = grad_difference / max(grad_scale, 1e-30)
     for impl, s in zip(IMPLS, seconds):
         peak, held = memory(*calls[impl], device)
         row[f"{impl}_ms"] = s * 1e3
@@ -322,6 +335,10 @@ def main(argv=None):
     print(f"wrote {args.out}")
     # float32 rounding leaves these near 1e-7; a wrong path leaves far more.
     exit_if_disagreeing(rows, "max_rel_difference", 1e-4, "the fused and autograd estimates")
+    with_grads = [r for r in rows if "max_rel_grad_difference" in r]
+    exit_if_disagreeing(
+        with_grads, "max_rel_grad_difference", 1e-4, "the fused and autograd gradients"
+    )
 
 
 if __name__ == "__main__":
