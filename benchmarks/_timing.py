@@ -148,3 +148,15 @@ def apply_quick(parser, args, **smaller):
         for name, value in smaller.items():
             if getattr(args, name) == parser.get_default(name):
                 setattr(args, name, value)
+
+
+def add_run_arguments(parser, name, quick_help, *, min_seconds=1.0):
+    """The options every benchmark shares: ``--quick`` (see :func:`apply_quick`),
+    ``--min-seconds`` (the timing budget per measurement) and ``--out`` (the JSON path)."""
+    parser.add_argument(
+        "--quick",
+        action="store_true",
+        help=f"{quick_help} (options given on the command line are kept)",
+    )
+    parser.add_argument("--min-seconds", type=positive_seconds, default=min_seconds)
+    parser.add_argument("--out", default=f"results/{name}.json")

@@ -31,12 +31,12 @@ import impflow  # noqa: E402
 import impflow.logdet as L  # noqa: E402
 import impflow.nn as inn  # noqa: E402
 from _timing import (
+    add_run_arguments,
     apply_quick,
     exit_if_disagreeing,
     interleaved_medians,
     machine_facts,
     positive_int,
-    positive_seconds,
     write_json,
 )  # noqa: E402
 
@@ -154,13 +154,7 @@ def main(argv=None):
     parser.add_argument(
         "--threads", type=positive_int, default=None, help="CPU threads (torch default)"
     )
-    parser.add_argument(
-        "--quick",
-        action="store_true",
-        help="small sizes, a smoke run (options given on the command line are kept)",
-    )
-    parser.add_argument("--min-seconds", type=positive_seconds, default=1.0)
-    parser.add_argument("--out", default="results/exact_logdet.json")
+    add_run_arguments(parser, "exact_logdet", "small sizes, a smoke run")
     args = parser.parse_args(argv)
     if args.threads is not None:
         torch.set_num_threads(args.threads)

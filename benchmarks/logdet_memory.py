@@ -25,12 +25,12 @@ sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 import impflow.logdet as L  # noqa: E402
 import impflow.nn as inn  # noqa: E402
 from _timing import (
+    add_run_arguments,
     apply_quick,
     exit_if_disagreeing,
     interleaved_medians,
     machine_facts,
     positive_int,
-    positive_seconds,
     synchronize,
     write_json,
 )  # noqa: E402
@@ -139,13 +139,7 @@ def main(argv=None):
     parser.add_argument("--batch", type=positive_int, default=512)
     parser.add_argument("--width", type=positive_int, default=256)
     parser.add_argument("--depth", type=positive_int, default=3)
-    parser.add_argument(
-        "--quick",
-        action="store_true",
-        help="small network, short timing (options given on the command line are kept)",
-    )
-    parser.add_argument("--min-seconds", type=positive_seconds, default=1.0)
-    parser.add_argument("--out", default="results/logdet_memory.json")
+    add_run_arguments(parser, "logdet_memory", "small network, short timing")
     args = parser.parse_args(argv)
     apply_quick(parser, args, batch=64, width=64, min_seconds=0.1)
     has_gpu = torch.cuda.is_available()

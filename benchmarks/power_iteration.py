@@ -21,11 +21,11 @@ sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 import impflow  # noqa: E402
 import impflow.nn as inn  # noqa: E402
 from _timing import (
+    add_run_arguments,
     apply_quick,
     interleaved_medians,
     machine_facts,
     positive_int,
-    positive_seconds,
     write_json,
 )  # noqa: E402
 
@@ -110,13 +110,7 @@ def main(argv=None):
     parser.add_argument("--device", choices=["all", "cpu", "cuda"], default="all")
     parser.add_argument("--networks", type=positive_int, default=40)
     parser.add_argument("--iterations", type=positive_int, default=20)
-    parser.add_argument(
-        "--quick",
-        action="store_true",
-        help="4 networks, short timing (options given on the command line are kept)",
-    )
-    parser.add_argument("--min-seconds", type=positive_seconds, default=1.0)
-    parser.add_argument("--out", default="results/power_iteration.json")
+    add_run_arguments(parser, "power_iteration", "4 networks, short timing")
     args = parser.parse_args(argv)
     apply_quick(parser, args, networks=4, min_seconds=0.1)
     networks, min_seconds = args.networks, args.min_seconds

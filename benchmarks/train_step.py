@@ -62,11 +62,11 @@ from _original_impflow import (  # noqa: E402
     stored_vectors,
 )
 from _timing import (
+    add_run_arguments,
     apply_quick,
     interleaved_medians,
     machine_facts,
     positive_int,
-    positive_seconds,
     write_json,
 )  # noqa: E402
 from impflow.data.toy import sample_toy  # noqa: E402
@@ -592,14 +592,8 @@ def main(argv=None):
     parser.add_argument(
         "--threads", type=positive_int, default=None, help="CPU threads (torch default)"
     )
-    parser.add_argument(
-        "--quick",
-        action="store_true",
-        help="small sizes, a smoke run (options given on the command line are kept)",
-    )
-    parser.add_argument("--min-seconds", type=positive_seconds, default=2.0)
     parser.add_argument("--seed", type=int, default=0)
-    parser.add_argument("--out", default="results/train_step.json")
+    add_run_arguments(parser, "train_step", "small sizes, a smoke run", min_seconds=2.0)
     args = parser.parse_args(argv)
     if args.threads is not None:
         torch.set_num_threads(args.threads)
