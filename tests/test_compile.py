@@ -59,7 +59,7 @@ def test_solver_track_compiles_with_its_state_updates(device):
     z, F = (torch.randn(B, n, generator=gen, dtype=F64) for _ in "zF")
     F[2] = float("nan")  # one non-finite residual: flags and counts in the graph too
     best_z, best_F = torch.zeros(B, n, dtype=F64), torch.zeros(B, n, dtype=F64)
-    best = torch.full((4, B), float("inf"), dtype=F64)
+    best = torch.full((5, B), float("inf"), dtype=F64)
     status = torch.full((B,), ACTIVE, dtype=torch.uint8)
     status[5] = 0
     nstep = torch.zeros(B, dtype=torch.long)

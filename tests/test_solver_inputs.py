@@ -272,7 +272,7 @@ def test_nonfinite_fn_mid_solve_for_some_samples(method, value):
     B = 5
     z0 = z0_like(B, 6)
     fn = NaNAfter(bad=[2], after=4, value=value)
-    with pytest.warns(SolverWarning, match=r"fn returned NaN/Inf for 1"):
+    with pytest.warns(SolverWarning, match=r"the iterate or fn\(z\) was NaN/Inf for 1"):
         z, stats = METHODS[method](fn, z0, max_iter=200, tol=1e-10)
     assert fn.calls > 4
     assert bool(torch.isfinite(z).all())

@@ -23,11 +23,15 @@ def make_state(B, n, dtype, device, seed):
     F[B // 3] = math.nan if B > 2 else F[B // 3]
     if B > 4:
         F[B // 4, 0] = math.inf
-    best = torch.empty(4, B, dtype=torch.float64)
+    best = torch.empty(5, B, dtype=torch.float64)
     best[0] = 10.0 ** torch.randint(-5, 1, (B,), generator=gen)  # best measure so far
     best[1] = best[0]
     best[2] = 0.1 * 10.0 ** torch.randint(-1, 2, (B,), generator=gen)  # first residual
     best[3] = torch.rand(B, generator=gen)  # norm of the best z
+    # reach: some below ||z|| (~sqrt(n)), which then caps the floor and the relative measure
+    best[4] = torch.rand(B, generator=gen) * 2 * n**0.5
+    if B > 5:
+        best[4, B // 5] = math.inf
     status = torch.full((B,), ACTIVE, dtype=torch.uint8)
     status[torch.rand(B, generator=gen) < 0.2] = CONVERGED  # done: left alone
     status[torch.rand(B, generator=gen) < 0.2] |= FALLBACK
@@ -124,7 +128,8 @@ def test_decisions(device):
     z = torch.ones(6, 4, dtype=torch.float64, device=device)
     F = torch.tensor([1e-6, 0.5, 50.0, math.nan, 0.5, 0.2], dtype=torch.float64, device=device)
     F = F[:, None].expand(6, 4) / 2  # ||F|| = the listed value
-    best = torch.ones(4, 6, dtype=torch.float64, device=device)
+    best = torch.ones(5, 6, dtype=torch.float64, device=device)
+    best[4] = math.inf
     best[0, 5] = 0.01  # sample 5 does not improve on its best
     status = torch.tensor([ACTIVE] * 4 + [0, ACTIVE | FALLBACK], dtype=torch.uint8, device=device)
     nstep = torch.zeros(6, dtype=torch.long, device=device)
@@ -172,8 +177,8 @@ def test_opcheck(dtype, device):
 BAD = [
     ("best must be a float64", lambda s: s.__setitem__(4, s[4].float())),
     (
-        "best must be a float64 tensor of shape \\(4, 4\\)",
-        lambda s: s.__setitem__(4, s[4][:3].contiguous()),
+        "best must be a float64 tensor of shape \\(5, 4\\)",
+        lambda s: s.__setitem__(4, s[4][:4].contiguous()),
     ),
     ("status must be a uint8", lambda s: s.__setitem__(5, s[5].bool())),
     ("nstep must be an int64", lambda s: s.__setitem__(6, s[6].int())),
@@ -197,3 +202,48 @@ def test_bad_arguments(message, spoil):
     spoil(state)
     with pytest.raises(RuntimeError, match=message):
         solver_track(*state, 1e-3, 1e-7, 10.0, False)
+
+
+@pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("impl", ["fused", "reference"])
+def test_nonfinite_iterate_is_never_best_nor_converged(impl, device):
+    """A NaN or Inf in z with a small finite F: was marked converged, and its NaN copied into
+    best_z, by the fused op."""
+    op = solver_track if impl == "fused" else solver_track_reference
+    z = torch.tensor([[math.nan, 0.0], [math.inf, 1.0], [0.5, 0.5]], dtype=torch.float64)
+    F = torch.full_like(z, 1e-9)
+    best = torch.full((5, 3), math.inf, dtype=torch.float64)
+    best[2] = 1.0
+    state = [t.to(device) for t in (z, F, torch.zeros_like(z), torch.zeros_like(z), best)]
+    status = torch.full((3,), ACTIVE, dtype=torch.uint8, device=device)
+    nstep = torch.zeros(3, dtype=torch.long, device=device)
+    counts, _ = op(*state, status, nstep, 1e-6, 1e-16, 10.0, False)
+    assert status.tolist() == [ACTIVE | NONFINITE | BLOWUP] * 2 + [CONVERGED]
+    assert counts.tolist() == [2, 2]
+    assert torch.equal(state[2][:2].cpu(), torch.zeros(2, 2, dtype=torch.float64))
+    assert state[4][1, :2].tolist() == [math.inf, math.inf]  # no residual recorded
+
+
+@pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("impl", ["fused", "reference"])
+def test_float64_norms_neither_overflow_nor_underflow(impl, device):
+    """||x||^2 leaves float64 above about 1e154 and below 1e-154: such samples were taken for
+    NaN/Inf (and given up) or had their residual read as 0."""
+    op = solver_track if impl == "fused" else solver_track_reference
+    z = torch.tensor([[3e200, 4e200], [1.0, 1.0], [1.0, 1.0], [0.0, 0.0]], dtype=torch.float64)
+    F = torch.tensor(
+        [[1.0, 0.0], [3e-170, 4e-170], [3e170, 4e170], [0.0, 0.0]], dtype=torch.float64
+    )
+    best = torch.full((5, 4), math.inf, dtype=torch.float64)
+    best[2] = 1e300
+    state = [t.to(device) for t in (z, F, torch.zeros_like(z), torch.zeros_like(z), best)]
+    status = torch.full((4,), ACTIVE, dtype=torch.uint8, device=device)
+    nstep = torch.zeros(4, dtype=torch.long, device=device)
+    op(*state, status, nstep, 1e-6, 1e-16, 10.0, False)
+    torch.testing.assert_close(
+        state[4][1].cpu(), torch.tensor([1.0, 5e-170, 5e170, 0.0], dtype=torch.float64)
+    )
+    torch.testing.assert_close(
+        state[4][3].cpu(), torch.tensor([5e200, 2**0.5, 2**0.5, 0.0], dtype=torch.float64)
+    )
+    assert not bool((status & NONFINITE).any())

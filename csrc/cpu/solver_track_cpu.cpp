@@ -10,6 +10,7 @@
 #include <limits>
 #include <utility>
 #include <tuple>
+#include <type_traits>
 
 #include "impflow/track_checks.h"
 #include "impflow/cpu_dispatch.h"
@@ -68,6 +69,29 @@ IMPFLOW_INLINE void short_norms(const scalar_t* __restrict__ z, const scalar_t* 
   }
 }
 
+// float64 samples only: the active samples whose sums of squares left the normal range (an
+// overflow above about 1e154, or digits lost below 1e-154) get their norms again, scaled
+// (scaled_norm). Rare, so the check is one pass and the fix a plain loop.
+IMPFLOW_INLINE void rescale_norms(const double* __restrict__ z, const double* __restrict__ F,
+                                  const double* __restrict__ F_sq, const double* __restrict__ z_sq,
+                                  double* __restrict__ F_norm, double* __restrict__ z_norm,
+                                  const int64_t* __restrict__ state, int64_t n, int64_t b0,
+                                  int64_t len) {
+  int64_t odd = 0;
+#pragma omp simd reduction(| : odd)
+  for (int64_t l = 0; l < len; ++l) {
+    const int64_t in_range = square_sum_in_range(F_sq[l]) & square_sum_in_range(z_sq[l]);
+    odd |= (state[l] & kActive) & (1 - in_range);
+  }
+  if (!odd) return;
+  for (int64_t l = 0; l < len; ++l) {
+    if (!(state[l] & kActive)) continue;
+    const int64_t b = b0 + l;
+    if (!square_sum_in_range(F_sq[l])) F_norm[l] = scaled_norm(F + b * n, n);
+    if (!square_sum_in_range(z_sq[l])) z_norm[l] = scaled_norm(z + b * n, n);
+  }
+}
+
 // Returns the counts [active, blown up] of the range and writes its part of the mask.
 // Per block of samples, loops along the samples: the norms, the decisions (track_decide),
 // the counts, then the copies into the best iterate. perf showed each loop scalar at first;
@@ -86,7 +110,7 @@ IMPFLOW_INLINE std::pair<int64_t, int64_t> track_samples(const scalar_t* __restr
   // A local copy: the stores into `best` could alias a reference, which keeps GCC from
   // hoisting the settings out of the decision loop and from vectorising it.
   const TrackSettings s = settings;
-  double F_sq[kBlock], z_sq[kBlock];
+  double F_sq[kBlock], z_sq[kBlock], F_norm[kBlock], z_norm[kBlock];
   // The decision loop touches 64-bit values only: a byte array in it (the status, the flags)
   // makes GCC vectorise over 32 lanes at once, which spills (perf), so the status bytes are
   // widened before it and narrowed after it.
@@ -114,26 +138,32 @@ IMPFLOW_INLINE std::pair<int64_t, int64_t> track_samples(const scalar_t* __restr
         F_sq[l] = f2, z_sq[l] = z2;
       }
     }
+#pragma omp simd
+    for (int64_t l = 0; l < len; ++l) state[l] = status[b0 + l];
+#pragma omp simd
+    for (int64_t l = 0; l < len; ++l) F_norm[l] = std::sqrt(F_sq[l]), z_norm[l] = std::sqrt(z_sq[l]);
+    if constexpr (std::is_same<scalar_t, double>::value) {
+      rescale_norms(z, F, F_sq, z_sq, F_norm, z_norm, state, n, b0, len);
+    }
     int64_t block_active = 0, block_blowup = 0;
     double* __restrict__ best_measure = best + kBestMeasure * B + b0;
     double* __restrict__ best_residual = best + kBestResidual * B + b0;
     double* __restrict__ best_norm = best + kBestNorm * B + b0;
     const double* __restrict__ initial = best + kInitialResidual * B + b0;
-#pragma omp simd
-    for (int64_t l = 0; l < len; ++l) state[l] = status[b0 + l];
+    const double* __restrict__ reach = best + kReach * B + b0;
     // No reduction in this loop: GCC's `omp simd` reduction arrays defeat its dependence
     // analysis here and leave the loop scalar; the counts come from a loop of their own.
 #pragma omp simd
     for (int64_t l = 0; l < len; ++l) {
       const int64_t old = state[l];
       const int64_t on = old & kActive;  // 0 or 1
-      const TrackDecision d =
-          track_decide_mode<Relative>(F_sq[l], z_sq[l], best_measure[l], initial[l], old, s);
+      const TrackDecision d = track_decide_mode<Relative>(F_norm[l], z_norm[l], best_measure[l],
+                                                          initial[l], reach[l], old, s);
       const int64_t improve = on & d.better;
       better[l] = improve;
       best_measure[l] = improve ? d.measure : best_measure[l];
-      best_residual[l] = improve ? d.residual : best_residual[l];
-      best_norm[l] = improve ? d.z_norm : best_norm[l];
+      best_residual[l] = improve ? F_norm[l] : best_residual[l];
+      best_norm[l] = improve ? z_norm[l] : best_norm[l];
       state[l] = on ? d.status : (old & ~int64_t(kBlowup));
       nstep[b0 + l] += on;
     }

@@ -57,12 +57,20 @@ track_kernel(const scalar_t* __restrict__ z, const scalar_t* __restrict__ F,
   if (work && rank == 0) {
     double F_sq = 0, z_sq = 0;
     for (int w = 0; w < kWarpsPerGroup; ++w) F_sq += partial[group][w][0], z_sq += partial[group][w][1];
-    const TrackDecision d = track_decide(F_sq, z_sq, best[kBestMeasure * B + b],
-                                         best[kInitialResidual * B + b], status[b], s);
+    double res = sqrt(F_sq), z_norm = sqrt(z_sq);
+    // float64 sums of squares outside the normal range (overflow above about 1e154, digits lost
+    // below 1e-154): this thread computes the norm again, scaled. Rare; no barrier needed.
+    if (sizeof(scalar_t) == sizeof(double)) {
+      if (!square_sum_in_range(F_sq)) res = scaled_norm(F + b * n, n);
+      if (!square_sum_in_range(z_sq)) z_norm = scaled_norm(z + b * n, n);
+    }
+    const TrackDecision d =
+        track_decide(res, z_norm, best[kBestMeasure * B + b], best[kInitialResidual * B + b],
+                     best[kReach * B + b], status[b], s);
     if (d.better) {
       best[kBestMeasure * B + b] = d.measure;
-      best[kBestResidual * B + b] = d.residual;
-      best[kBestNorm * B + b] = d.z_norm;
+      best[kBestResidual * B + b] = res;
+      best[kBestNorm * B + b] = z_norm;
     }
     status[b] = d.status;
     nstep[b] += 1;

@@ -29,7 +29,7 @@ namespace impflow_test {
 inline constexpr int kActive = 1, kConverged = 2, kNonfinite = 4, kFallback = 16, kBlowup = 32;
 
 struct State {
-  std::vector<double> z, F, best_z, best_F, best;  // best: 4 rows of B
+  std::vector<double> z, F, best_z, best_F, best;  // best: 5 rows of B
   std::vector<uint8_t> status;
   std::vector<int64_t> nstep;
   int64_t active = 0, blowup = 0;
@@ -41,6 +41,13 @@ struct Settings {
   bool relative;
 };
 
+// ||x||_2 without overflow or underflow: long double holds the squares of any double.
+inline double oracle_norm(const double* x, int64_t n) {
+  long double sum = 0;
+  for (int64_t j = 0; j < n; ++j) sum += (long double)x[j] * x[j];
+  return double(std::sqrt(sum));
+}
+
 // The definition, sample by sample.
 inline void naive_track(State& s, int64_t B, int64_t n, const Settings& c) {
   s.mask.assign(B, 0);
@@ -48,18 +55,20 @@ inline void naive_track(State& s, int64_t B, int64_t n, const Settings& c) {
   for (int64_t b = 0; b < B; ++b) {
     int st = s.status[b] & ~kBlowup;
     if (st & kActive) {
-      double F2 = 0, z2 = 0;
-      for (int64_t j = 0; j < n; ++j) {
-        F2 += s.F[b * n + j] * s.F[b * n + j];
-        z2 += s.z[b * n + j] * s.z[b * n + j];
-      }
-      const double res = std::sqrt(F2), z_norm = std::sqrt(z2);
-      const bool finite = std::isfinite(res);
-      const double measure = c.relative ? res / (z_norm + 1e-12) : res;
-      const double floor =
-          c.relative ? c.floor_scale : c.floor_scale * (z_norm + std::sqrt(double(n)));
+      const double res = oracle_norm(&s.F[b * n], n), z_norm = oracle_norm(&s.z[b * n], n);
+      const bool finite = std::isfinite(res) && std::isfinite(z_norm);
+      // Within the reach the floor stands in for a smaller tol; beyond it, tol must be met
+      // and resolved there (the relative measure's denominator stops at the reach).
+      const double reach = s.best[4 * B + b];
+      const bool beyond = z_norm > reach;
+      const double denominator = c.relative ? std::min(z_norm, reach) + 1e-12 : 1.0;
+      const double measure = res / denominator;
+      const double resolution = c.floor_scale * (z_norm + std::sqrt(double(n))) / denominator;
+      const double floor = c.relative && !beyond ? c.floor_scale : resolution;
+      const double stop = beyond ? (floor <= c.tol ? c.tol : -1.0) : std::max(floor, c.tol);
       const double first = s.best[2 * B + b];
-      if (finite && measure < s.best[0 * B + b]) {
+      const bool converged = finite && measure <= stop;
+      if (converged || (finite && measure < s.best[0 * B + b])) {
         s.best[0 * B + b] = measure;
         s.best[1 * B + b] = res;
         s.best[3 * B + b] = z_norm;
@@ -70,7 +79,7 @@ inline void naive_track(State& s, int64_t B, int64_t n, const Settings& c) {
       }
       if (!finite) st |= kNonfinite;
       if (!finite || res > c.divergence_ratio * std::max(first, c.tol)) st |= kBlowup;
-      if (finite && measure <= std::max(floor, c.tol)) st = (st | kConverged) & ~kActive;
+      if (converged) st = (st | kConverged) & ~kActive;
       s.nstep[b] += 1;
     }
     s.status[b] = uint8_t(st);
@@ -105,11 +114,21 @@ inline void run_case(int64_t B, int64_t n, bool relative, at::ScalarType dtype, 
            std::sqrt(double(n));
   if (B > 2) F[B / 3].fill_(std::nan(""));
   if (B > 4) F[B / 4][0].fill_(INFINITY);
-  auto best = at::empty({4, B}, f64);
+  if (B > 6) z[B / 6][n - 1].fill_(std::nan(""));  // a non-finite iterate, finite F
+  if (dtype == at::kDouble && B > 5) {
+    // Squares that overflow or underflow float64: the norms must not.
+    z[B / 5].mul_(1e200);
+    F[B / 5 + 1].mul_(1e200);
+    F[B / 5 + 2].mul_(1e-170);
+  }
+  auto best = at::empty({5, B}, f64);
   best[0].copy_(at::pow(10.0, at::randint(-5, 1, {B}, f64)));
   best[1].copy_(best[0]);
   best[2].copy_(0.1 * at::pow(10.0, at::randint(-1, 2, {B}, f64)));
   best[3].copy_(at::rand({B}, f64));
+  // The reach, some below ||z|| (about sqrt(n)): it then caps the floor and the measure.
+  best[4].copy_(at::rand({B}, f64) * 2 * std::sqrt(double(n)));
+  if (B > 7) best[4][B / 7].fill_(INFINITY);
   auto status = at::full({B}, kActive, at::kByte);
   status.masked_fill_(at::rand({B}) < 0.2, kConverged);
   status.bitwise_or_(at::where(at::rand({B}) < 0.2, kFallback, 0).to(at::kByte));
@@ -149,7 +168,7 @@ inline void run_case(int64_t B, int64_t n, bool relative, at::ScalarType dtype, 
       why = "nstep" + at_b;
     else if (got_mask[b] != bool(want.mask[b]))
       why = "mask" + at_b;
-    for (int r = 0; r < 4 && why.empty(); ++r)
+    for (int r = 0; r < 5 && why.empty(); ++r)
       if (!close(got_best[r * B + b], want.best[r * B + b]))
         why = "best row " + std::to_string(r) + at_b;
     for (int64_t j = 0; j < n && why.empty(); ++j)

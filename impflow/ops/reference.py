@@ -80,19 +80,19 @@ def solver_track_reference(
     Args:
         z, F: (B, n) the new iterate and its residual ``fn(z)``.
         best_z, best_F: (B, n) lowest-measure iterate and its residual, updated in place.
-        best: (4, B) float64 rows: best measure, its residual, first residual, ``||z||`` at
-            the best iterate; updated in place.
+        best: (5, B) float64 rows: best measure, its residual, first residual, ``||z||`` at
+            the best iterate (updated in place), and the reach (read only).
         status: (B,) uint8 bits (``impflow.ops.track``), updated in place: BLOWUP is cleared
             and set anew, NONFINITE added, CONVERGED set and ACTIVE cleared at convergence.
         nstep: (B,) int64 iteration counts, incremented for the active samples.
         tol, floor_scale, divergence_ratio: floats; relative: bool (stop mode "rel").
 
-    For an active sample with ``r = ||F||_2`` and ``s = ||z||_2`` (accumulated in float64):
-    measure ``m = r`` (``r / (s + 1e-12)`` if relative); it converges when finite and
-    ``m <= max(tol, floor)`` with floor ``floor_scale`` (relative) or
-    ``floor_scale * (s + sqrt(n))``; it blows up when ``r`` is not finite or exceeds
-    ``divergence_ratio * max(first residual, tol)``; a finite ``m`` below the best measure
-    copies ``z``, ``F`` into the best iterate.
+    For an active sample with ``r = ||F||_2`` and ``s = ||z||_2`` (in float64, without
+    overflow or underflow of the squares; see :func:`robust_norms`): the iterate counts as
+    finite when ``r`` and ``s`` are; its measure, floor and stop are :func:`track_limits`'s;
+    a finite sample converges when its measure is at most the stop; it blows up when not
+    finite or when ``r`` exceeds ``divergence_ratio * max(first residual, tol)``; a finite
+    measure below the best one, or a convergence, copies ``z``, ``F`` into the best iterate.
 
     Returns:
         ``(counts, mask)``: int64 ``[active, blown up]`` after the update, and bool (B,)
@@ -103,19 +103,18 @@ def solver_track_reference(
     n = z.shape[1]
     status &= ~BLOWUP & 0xFF
     active = (status & ACTIVE) != 0
-    res = torch.linalg.vector_norm(F, dim=1, dtype=torch.float64)
-    z_norm = torch.linalg.vector_norm(z, dim=1, dtype=torch.float64)
-    finite = torch.isfinite(res)
-    measure = res / (z_norm + 1e-12) if relative else res
-    floor = torch.full_like(res, floor_scale) if relative else floor_scale * (z_norm + n**0.5)
-    better = active & finite & (measure < best[0])
+    res = robust_norms(F)
+    z_norm = robust_norms(z)
+    finite = torch.isfinite(res) & torch.isfinite(z_norm)
+    measure, _, stop = track_limits(res, z_norm, best[4], n, tol, floor_scale, relative)
+    done = active & finite & (measure <= stop)
+    better = (active & finite & (measure < best[0])) | done
     best_z.copy_(torch.where(better[:, None], z, best_z))
     best_F.copy_(torch.where(better[:, None], F, best_F))
     best[0] = torch.where(better, measure, best[0])
     best[1] = torch.where(better, res, best[1])
     best[3] = torch.where(better, z_norm, best[3])
     blowup = active & (~finite | (res > divergence_ratio * best[2].clamp(min=tol)))
-    done = active & finite & (measure <= floor.clamp(min=tol))
     new = status | torch.where(active & ~finite, NONFINITE, 0).to(status.dtype)
     new = new | torch.where(blowup, BLOWUP, 0).to(status.dtype)
     new = torch.where(done, (new | CONVERGED) & ~ACTIVE & 0xFF, new).to(status.dtype)
@@ -124,6 +123,58 @@ def solver_track_reference(
     still = (status & ACTIVE) != 0
     counts = torch.stack([still.sum(), blowup.sum()]).to(torch.long)
     return counts, still & ((status & FALLBACK) == 0)
+
+
+def track_limits(res, z_norm, reach, n, tol, floor_scale, relative):
+    """``(measure, floor, stop)`` per sample, (B,) float64 each, from the norms ``res`` of
+    ``F`` and ``z_norm`` of ``z`` (n elements per sample) and the reach: where a root can lie,
+    ``||z0|| + 1000 ||F(z0)||`` (``impflow.solvers._common``).
+
+    - Within the reach (``||z|| <= reach``): measure ``res`` (abs) or ``res / (||z|| + 1e-12)``
+      (rel); floor ``floor_scale * (||z|| + sqrt(n))`` (abs) or ``floor_scale`` (rel), the
+      smallest measure the dtype resolves there; it replaces a smaller tol:
+      ``stop = max(tol, floor)``.
+    - Beyond it the iterate runs away from any root a contraction started at ``z0`` can have,
+      and a floor growing with it would call a residual of any size converged. The relative
+      measure's denominator stops at the reach; the floor is the resolution there,
+      ``floor_scale * (||z|| + sqrt(n)) / denominator`` (denominator 1 in abs mode); tol must
+      be met and resolved: ``stop = tol`` where ``floor <= tol``, else -1 (no convergence).
+    """
+    beyond = z_norm > reach
+    if relative:
+        denominator = torch.where(beyond, reach, z_norm) + 1e-12
+    else:
+        denominator = torch.ones_like(z_norm)
+    measure = res / denominator
+    resolution = floor_scale * (z_norm + n**0.5) / denominator
+    floor = torch.where(beyond, resolution, floor_scale) if relative else resolution
+    resolved = torch.where(floor <= tol, torch.full_like(floor, tol), torch.full_like(floor, -1.0))
+    stop = torch.where(beyond, resolved, floor.clamp(min=tol))
+    return measure, floor, stop
+
+
+# sqrt of the smallest normal and of the largest float64: a norm outside [_NORM_LOW, _NORM_HIGH]
+# came from a sum of squares that underflowed or overflowed.
+_NORM_LOW, _NORM_HIGH = 1.4916681462400413e-154, 1.3407807929942596e154
+
+
+def robust_norms(x):
+    """(B,) float64 ``||x_b||_2`` of a (B, n) tensor; for float64 ``x`` the samples whose plain
+    norm left ``[1.5e-154, 1.3e154]`` (where the squares overflow or underflow) are computed
+    again, scaled by their largest magnitude. NaN if a value is NaN, Inf if one is infinite."""
+    norms = torch.linalg.vector_norm(x, dim=1, dtype=torch.float64)
+    if x.dtype != torch.float64:
+        return norms  # float32 squares cannot leave the float64 range
+    odd = ~((norms >= _NORM_LOW) & (norms <= _NORM_HIGH))
+    if bool(odd.any()):
+        rows = x[odd]
+        big = rows.abs().amax(1)
+        has_nan = rows.isnan().any(1)
+        ok = torch.isfinite(big) & (big > 0)
+        scaled = big * torch.linalg.vector_norm(rows / torch.where(ok, big, 1.0)[:, None], dim=1)
+        fixed = torch.where(ok, scaled, big)
+        norms[odd] = torch.where(has_nan, torch.nan, fixed)
+    return norms
 
 
 def power_iteration_reference(weights, us, vs, n_iterations):

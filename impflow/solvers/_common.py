@@ -6,7 +6,7 @@ import numbers
 import torch
 
 from impflow._warnings import warn_at_caller
-from impflow.ops.reference import solver_track_reference
+from impflow.ops.reference import solver_track_reference, track_limits
 from impflow.ops.track import ACTIVE, BLOWUP, CONVERGED, DIVERGED, FALLBACK, NONFINITE, solver_track
 from impflow.solvers.stats import SolverStats, SolverWarning
 
@@ -19,10 +19,26 @@ _FLAG_MASKS = {}  # (bits, device) -> (len(bits), 1) uint8 masks, made once
 _FLOOR_ULPS = 1.0
 _REL_EPS = 1e-12
 
+# A sample's reach, ||z0|| + _REACH_RATIO * ||fn(z0)||, bounds where a root can lie: the root
+# of a contraction z -> z + fn(z) with Lipschitz constant L lies within ||fn(z0)|| / (1 - L) of
+# z0, so the reach covers L <= 0.999. Beyond it the precision floor no longer stands in for
+# tol (see impflow.ops.reference.track_limits): a floor growing with a runaway iterate would
+# call a residual of any size converged (atan(z) - 2 "solved" at |z| = 4e16).
+_REACH_RATIO = 1e3
+
 
 def check_common_args(z0, max_iter, tol, stop_mode, divergence_ratio):
     if not isinstance(z0, torch.Tensor):
         raise TypeError(f"z0 must be a torch.Tensor, got {type(z0).__name__}")
+    if z0.dim() == 1:
+        # (d,) would be taken as d samples of one element each: with an fn that couples them,
+        # each "sample" would be judged on its own element (30 of 64 converged while
+        # ||fn(z)|| was 8.96).
+        raise ValueError(
+            f"z0 must have a batch dimension, shape (B, ...); got the 1-D shape "
+            f"{tuple(z0.shape)}: use z0[None] for one sample of {z0.shape[0]} elements, or "
+            f"z0[:, None] for {z0.shape[0]} samples of one element"
+        )
     if z0.dim() < 1 or z0.shape[0] == 0:
         raise ValueError(f"z0 must have shape (B, ...) with B >= 1, got {tuple(z0.shape)}")
     if z0[0].numel() == 0:
@@ -129,8 +145,9 @@ class Tracker:
         self.floor_scale = _FLOOR_ULPS * torch.finfo(z.dtype).eps
         self.status = torch.full((B,), ACTIVE, dtype=torch.uint8, device=z.device)
         self.nstep = torch.zeros(B, dtype=torch.long, device=z.device)
-        # Rows: best measure, its residual, first residual, ||z|| at the best iterate.
-        self.best = torch.full((4, B), math.inf, dtype=torch.float64, device=z.device)
+        # Rows: best measure, its residual, first residual, ||z|| at the best iterate, reach
+        # (unbounded for the first call, whose iterate z0 is within reach by definition).
+        self.best = torch.full((5, B), math.inf, dtype=torch.float64, device=z.device)
         self.best_z = z.clone(memory_format=torch.contiguous_format)  # updated in place by
         self.best_F = F.clone(memory_format=torch.contiguous_format)  # the op: contiguous
         self.any_fallback = False
@@ -138,6 +155,7 @@ class Tracker:
         n_blowup, self.first_mask = self.update(z, F)
         self.nstep.zero_()
         self.best[2] = self.best[1]
+        self.best[4] = self.best[3] + _REACH_RATIO * self.best[1]
         if n_blowup:  # fn(z0) is NaN/Inf: nothing to iterate from
             self.give_up(self.flagged(BLOWUP))
             self.first_mask = self.accelerated_mask()
@@ -208,11 +226,16 @@ class Tracker:
         converge. ``on_divergence`` says what the method did with diverged samples."""
         dtype = self.best_z.dtype
         z_norm = self.best[3]
-        if self.stop_mode == "rel":
-            floor = torch.full_like(z_norm, self.floor_scale)
-        else:
-            floor = self.floor_scale * (z_norm + math.sqrt(self.best_z.shape[1]))
         residual = self.best[1]
+        _, floor, _ = track_limits(
+            residual,
+            z_norm,
+            self.best[4],
+            self.best_z.shape[1],
+            self.tol,
+            self.floor_scale,
+            self.stop_mode == "rel",
+        )
         # The three per-sample flags from one pass over the status bytes (rows of one tensor).
         converged, diverged, nonfinite = self._flag_rows((CONVERGED, DIVERGED, NONFINITE))
         stats = SolverStats(
@@ -245,5 +268,11 @@ def _failure_message(stats, on_divergence):
     if bool(stats.diverged.any()):
         text += f"; {int(stats.diverged.sum())} diverged ({on_divergence})"
     if bool(stats.nonfinite.any()):
-        text += f"; fn returned NaN/Inf for {int(stats.nonfinite.sum())}"
+        text += f"; the iterate or fn(z) was NaN/Inf for {int(stats.nonfinite.sum())}"
+    runaway = int(stats.runaway.sum())
+    if runaway:
+        text += (
+            f"; {runaway} ran beyond ||z0|| + 1000 ||fn(z0)||, too far for a root, where "
+            "the dtype cannot resolve tol (see tol_floor)"
+        )
     return text + ". The best iterate of each sample is returned; see the SolverStats."

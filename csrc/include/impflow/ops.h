@@ -17,11 +17,11 @@ at::Tensor broyden_step(at::Tensor& U, at::Tensor& V, const at::Tensor& dz, cons
                         int64_t n_valid);
 
 // Bookkeeping of one solver iteration for the active samples (status bit kActive, see
-// track_math.h): residual ||F||_2 and measure (abs, or rel = ||F|| / ||z||), best iterate
-// copied into best_z / best_F when it improved, convergence at max(tol, precision floor),
-// non-finite and exploding residuals flagged, nstep incremented. z, F: (B, n); best: (4, B)
-// float64 rows [best measure, best residual, first residual, ||z|| at the best iterate];
-// status: (B,) uint8; nstep: (B,) int64.
+// track_math.h): residual ||F||_2 and measure (abs, or rel = ||F|| / min(||z||, reach)), best
+// iterate copied into best_z / best_F when it improved or converged, convergence of finite
+// iterates at max(tol, precision floor), non-finite and exploding residuals flagged, nstep
+// incremented. z, F: (B, n); best: (5, B) float64 rows [best measure, best residual, first
+// residual, ||z|| at the best iterate, reach]; status: (B,) uint8; nstep: (B,) int64.
 // Returns (counts, mask): int64 [active, blown up] and bool (B,) = active and not in fallback.
 std::tuple<at::Tensor, at::Tensor> solver_track(const at::Tensor& z, const at::Tensor& F,
                                                 at::Tensor& best_z, at::Tensor& best_F,

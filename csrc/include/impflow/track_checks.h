@@ -4,6 +4,7 @@
 #include <ATen/ATen.h>
 
 #include "impflow/overlap_checks.h"
+#include "impflow/track_math.h"
 
 namespace impflow {
 
@@ -20,9 +21,10 @@ inline void check_solver_track_args(const at::Tensor& z, const at::Tensor& F,
                 "solver_track: F, best_z and best_F must have z's shape ", z.sizes(),
                 " and dtype ", z.scalar_type(), ", got ", t->sizes(), " ", t->scalar_type());
   }
-  TORCH_CHECK(best.dim() == 2 && best.size(0) == 4 && best.size(1) == B &&
+  TORCH_CHECK(best.dim() == 2 && best.size(0) == kBestRows && best.size(1) == B &&
                   best.scalar_type() == at::kDouble,
-              "solver_track: best must be a float64 tensor of shape (4, ", B, "), got ",
+              "solver_track: best must be a float64 tensor of shape (", int(kBestRows), ", ", B,
+              "), got ",
               best.scalar_type(), " ", best.sizes());
   TORCH_CHECK(status.dim() == 1 && status.size(0) == B && status.scalar_type() == at::kByte,
               "solver_track: status must be a uint8 tensor of shape (", B, "), got ",
