@@ -33,7 +33,9 @@ def networks(kind, dtype):
 def break_lipschitz(net: nn.Module, scale: float = 3.0) -> nn.Module:
     """Sets every dense spectral layer's weight to spectral norm ``scale`` and its ``u`` to a
     vector orthogonal to ``W v``, so that the stored estimate ``σ = uᵀWv`` is 0 and (in eval
-    mode) the weight is used unnormalised: ``σ > 1`` set by hand."""
+    mode) the weight is used unnormalised: ``σ > 1`` set by hand. The vectors count as
+    refreshed for the new weight (as after a ``power_iteration`` call that stopped too early),
+    so that eval-mode forwards use them instead of refreshing them."""
     for m in net.modules():
         if isinstance(m, SpectralLinear):
             w = m.weight
@@ -42,6 +44,7 @@ def break_lipschitz(net: nn.Module, scale: float = 3.0) -> nn.Module:
             u = torch.randn_like(m.u)
             u -= (u @ wv) / (wv @ wv) * wv
             m.u.copy_(u / u.norm())
+            m._mark_vectors_current()
     return net.eval()
 
 

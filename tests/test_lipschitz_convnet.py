@@ -193,9 +193,9 @@ def test_bound_is_tight_for_aligned_layers():
     assert coeff**3 * (1 - 1e-4) <= norm <= coeff**3 * (1 + 1e-4)
 
 
-def test_bound_fails_with_stale_vectors():
-    # DESIGN.md §7: new weights with the old u, v leave σ underestimated; update_lipschitz
-    # restores the bound.
+def test_bound_holds_after_a_weight_change_without_update():
+    # DESIGN.md §7: new weights with the old u, v leave σ underestimated (the Jacobian's norm
+    # was above 0.91 here); the eval-mode forward refreshes them first.
     torch.manual_seed(0)
     net = LipschitzConvNet(C, C, kernel_sizes=(3,), activation="identity", coeff=0.9)
     net(torch.randn(1, C, H, W))
@@ -203,8 +203,6 @@ def test_bound_fails_with_stale_vectors():
         net[0].weight.normal_()
     net.eval()
     x = torch.randn(C, H, W)
-    assert _jacobian_norm(net, x) > 0.9 * 1.01
-    update_lipschitz(net, 300)
     assert _jacobian_norm(net, x) <= 0.9 + 1e-4
 
 

@@ -57,6 +57,7 @@ def power_iteration_paused(*nets, refresh: bool = False) -> Iterator[None]:
                 m.power_iteration(m.n_power_iterations, m.atol, m.rtol)
     for m in training:
         m.training = False
+        m._training_paused = True  # not an eval-mode layer: no refresh of stale vectors
     # A nested call (an estimator's wrapper inside a block call) keeps the outer cache.
     cached = [m for m in layers if getattr(m, "_weight_cache", None) is None]
     for m in cached:
@@ -66,6 +67,7 @@ def power_iteration_paused(*nets, refresh: bool = False) -> Iterator[None]:
     finally:
         for m in training:
             m.training = True
+            m._training_paused = False
         for m in cached:
             m._weight_cache = None
 

@@ -84,8 +84,8 @@ class LipschitzConvNet(LayerStack):
 
     Every convolution is spectrally normalised to operator norm at most ``coeff`` at its input
     size and every activation is 1-Lipschitz, so the network is ``coeff``-Lipschitz for inputs
-    of that spatial size (once the power iterations have converged: call
-    :func:`impflow.nn.update_lipschitz` before evaluation). The operator norm depends on the
+    of that spatial size (once the power iterations have converged: eval-mode forwards refresh
+    them, see :class:`SpectralLinear`). The operator norm depends on the
     spatial size, so the network takes one size only: the first input's, or ``input_size`` when
     given (another size raises :class:`SpectralConv2d`'s ``ValueError``); use one network per
     size.

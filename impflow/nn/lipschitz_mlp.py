@@ -26,7 +26,7 @@ class LipschitzMLP(LayerStack):
 
     Every weight is spectrally normalised to norm at most ``coeff`` and every activation is
     1-Lipschitz, so the network is ``coeff``-Lipschitz (once the power iterations have
-    converged: call :func:`impflow.nn.update_lipschitz` before evaluation). There is no
+    converged: eval-mode forwards refresh them, see :class:`SpectralLinear`). There is no
     activation after the last layer.
 
     Args:

@@ -27,11 +27,17 @@ class SpectralLinear(_SpectralNormMixin, nn.Module):
     ``σ(W)`` is estimated by power iteration with unit vectors ``u`` (out,) and ``v`` (in,)
     kept as buffers. In training mode each forward first runs ``n_power_iterations`` steps
     ``v ← normalize(Wᵀu), u ← normalize(Wv)`` without gradient and stores ``u`` and ``v``; then
-    ``σ = uᵀWv`` is computed with gradient through ``W`` (as in ResFlow). In eval mode no step
-    runs: ``σ`` comes from the stored vectors. Power iteration approaches ``σ`` from below, so an
-    unconverged estimate leaves ``‖Ŵ‖ > coeff``: run :meth:`power_iteration` (or
-    :func:`update_lipschitz`) before evaluation. ``INIT_POWER_ITERATIONS`` steps run at
-    construction.
+    ``σ = uᵀWv`` is computed with gradient through ``W`` (as in ResFlow). In eval mode ``σ``
+    comes from the stored vectors, refreshed first where they may be stale: the first eval-mode
+    forward after a training-mode forward or after any change of the weight (an optimizer step,
+    ``load_state_dict``, ``.to()``, an in-place edit) iterates them on the current weight until
+    a step moves them by less than ``REFRESH_RTOL`` (1e-6, at most
+    ``REFRESH_POWER_ITERATIONS`` steps; vectors that one step barely moves are kept bit for
+    bit). Power iteration approaches ``σ`` from below, and an unconverged estimate leaves
+    ``‖Ŵ‖ > coeff``: so no eval-mode forward uses σ of an older weight. :meth:`power_iteration`
+    and :func:`update_lipschitz` count as a refresh (run them to choose the steps yourself, and
+    before compiling an eval-mode model: a compiled graph does not refresh).
+    ``INIT_POWER_ITERATIONS`` steps run at construction.
 
     Args:
         in_features: size of each input sample.

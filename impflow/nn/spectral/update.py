@@ -23,8 +23,10 @@ def update_lipschitz(
 ) -> int:
     """Runs power-iteration steps on every spectral layer inside ``module``.
 
-    Call it before evaluation (and after loading weights) so that every ``σ`` estimate is
-    converged and every layer is really ``coeff``-Lipschitz (DESIGN.md §7). A
+    Eval-mode forwards refresh stale estimates on their own (see :class:`SpectralLinear`);
+    call this to choose the number of steps yourself, to converge every layer at once, or
+    before compiling an eval-mode model (a compiled graph does not refresh). It counts as a
+    refresh: the eval-mode forwards that follow use the vectors as it leaves them. A
     :class:`SpectralConv2d` that has not seen an input yet is skipped (its vectors are created,
     and iterated, at its first forward). Convolutions with close top singular values can need
     hundreds of steps: pass a tolerance and a generous ``n_iterations`` to run each layer until
@@ -65,5 +67,7 @@ def update_lipschitz(
                 [layer.v for layer in layers],
                 n_iterations,
             )
+            for layer in layers:
+                layer._mark_vectors_current()
             count += len(layers)
     return count
