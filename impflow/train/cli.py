@@ -5,6 +5,7 @@ processes with ``torchrun --nproc_per_node N -m impflow.train <task> [options]``
 from __future__ import annotations
 
 import argparse
+import math
 import os
 import sys
 from pathlib import Path
@@ -16,6 +17,7 @@ from impflow.train.distributed import BACKENDS, torchrun_environment
 from impflow.train.checkpoint import CheckpointError
 from impflow.train.loop import (
     LR_SCHEDULES,
+    SEED_LIMIT,
     NonFiniteLossError,
     TrainSettings,
     check_settings,
@@ -35,8 +37,29 @@ def _positive_int(text):
 
 def _positive_float(text):
     value = float(text)
-    if not value > 0:
-        raise argparse.ArgumentTypeError(f"must be a number > 0, got {text}")
+    if not (math.isfinite(value) and value > 0):
+        raise argparse.ArgumentTypeError(f"must be a finite number > 0, got {text}")
+    return value
+
+
+def _nonnegative_float(text):
+    value = float(text)
+    if not (math.isfinite(value) and value >= 0):
+        raise argparse.ArgumentTypeError(f"must be a finite number >= 0, got {text}")
+    return value
+
+
+def _decay(text):
+    value = float(text)
+    if not 0 <= value < 1:  # NaN fails too
+        raise argparse.ArgumentTypeError(f"must be a number in [0, 1), got {text}")
+    return value
+
+
+def _seed(text):
+    value = int(text)
+    if not 0 <= value < SEED_LIMIT:
+        raise argparse.ArgumentTypeError(f"must be an integer in [0, 2**63), got {text}")
     return value
 
 
@@ -90,12 +113,12 @@ def _common(p: argparse.ArgumentParser, *, steps, batch_size, lr=1e-3, lr_schedu
         default=lr_schedule,
         help="cosine: decay to 0 over --steps or --time-budget, whichever ends first",
     )
-    p.add_argument("--weight-decay", type=float, default=0.0)
-    p.add_argument("--ema-decay", type=float, default=0.99)
+    p.add_argument("--weight-decay", type=_nonnegative_float, default=0.0)
+    p.add_argument("--ema-decay", type=_decay, default=0.99)
     p.add_argument("--grad-clip", type=_positive_float, default=None)
     p.add_argument("--log-every", type=_positive_int, default=10)
     p.add_argument("--ckpt-every", type=_positive_int, default=200)
-    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--seed", type=_seed, default=0)
     p.add_argument("--resume", action="store_true", help="continue from OUT/checkpoint.pt")
     p.add_argument("--device", default="cpu", help="cpu, cuda (torchrun: cuda:LOCAL_RANK), ...")
     p.add_argument("--dtype", choices=("float32", "float64"), default="float32")

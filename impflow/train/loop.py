@@ -37,9 +37,11 @@ import csv
 import gc
 import json
 import math
+import numbers
 import os
 import time
 import warnings
+from collections.abc import Mapping
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
@@ -50,6 +52,7 @@ from torch.nn.parallel import DistributedDataParallel
 from impflow._warnings import caller_stacklevel
 from impflow.nn._flow_common import NonFiniteError
 from impflow.train.checkpoint import (
+    CheckpointError,
     capture_rng_state,
     load_checkpoint,
     load_module_state,
@@ -227,10 +230,46 @@ def _adam(params, **options) -> torch.optim.Adam:
         return torch.optim.Adam(params, **options)
 
 
+def _is_int(value) -> bool:
+    return isinstance(value, numbers.Integral) and not isinstance(value, bool)
+
+
+def _is_number(value) -> bool:
+    return isinstance(value, numbers.Real) and not isinstance(value, bool)
+
+
+def _check_number(value, name: str, *, low: float, low_allowed: bool, optional=False) -> None:
+    """A finite number above ``low`` (or equal to it where allowed); None where optional."""
+    if optional and value is None:
+        return
+    finite = _is_number(value) and math.isfinite(value)  # first: no comparison of a str
+    if not (finite and (value > low or (low_allowed and value == low))):
+        bound = f"{'>=' if low_allowed else '>'} {low:g}"
+        raise ValueError(f"{name} must be a finite number {bound}, got {value!r}")
+
+
+def _check_count(value, name: str) -> None:
+    if not (_is_int(value) and value >= 1):
+        raise ValueError(f"{name} must be an integer >= 1, got {value!r}")
+
+
+SEED_LIMIT = 2**63  # seeds are in [0, 2**63): torch's generators take seed + 1 and per-rank seeds
+
+
 def check_settings(settings: TrainSettings) -> None:
     """Raises ``ValueError`` (``ImportError`` for a missing TensorBoard) for settings that would
     otherwise fail only once the run has started: after its folder, the model and the first
     step."""
+    for name in ("steps", "log_every", "ckpt_every"):
+        _check_count(getattr(settings, name), name)
+    _check_number(settings.time_budget, "time_budget", low=0, low_allowed=False, optional=True)
+    _check_number(settings.lr, "lr", low=0, low_allowed=False)
+    _check_number(settings.weight_decay, "weight_decay", low=0, low_allowed=True)
+    _check_number(settings.grad_clip, "grad_clip", low=0, low_allowed=False, optional=True)
+    if not (_is_int(settings.seed) and 0 <= settings.seed < SEED_LIMIT):
+        raise ValueError(f"seed must be an integer in [0, 2**63), got {settings.seed!r}")
+    if settings.lr_schedule not in LR_SCHEDULES:
+        raise ValueError(f"lr_schedule must be one of {LR_SCHEDULES}, got {settings.lr_schedule!r}")
     check_decay(settings.ema_decay, "ema_decay")
     try:
         torch.device(settings.device)
@@ -299,12 +338,13 @@ def _train(task: Task, settings: TrainSettings, group: ProcessGroup, device) -> 
         ckpt = load_checkpoint(
             ckpt_path, expected={"config": config}, assumed={"config": {"dtype": "float32"}}
         )
+        _check_resumable(ckpt, ckpt_path)
         load_module_state(model, ckpt["model"])
-        optimizer.load_state_dict(ckpt["optimizer"])
+        _load_optimizer_state(optimizer, ckpt["optimizer"], ckpt_path)
         if ckpt.get("ema") is not None and group.is_main:
             ema = EMA(model, settings.ema_decay)
             load_module_state(ema, ckpt["ema"], what="EMA")
-        state = _RunState(ckpt["step"], ckpt["seconds"], list(ckpt.get("history", [])))
+        state = _RunState(ckpt["step"], float(ckpt["seconds"]), list(ckpt.get("history") or []))
         if group.is_main:
             _warn_about_resumed_schedule(ckpt.get("schedule"), settings, state.step)
         _restore_rng(ckpt, group, settings.seed, state.step, data_gen)
@@ -440,6 +480,73 @@ def _train(task: Task, settings: TrainSettings, group: ProcessGroup, device) -> 
         return metrics
 
     return group.run_on_main(evaluate, "the final evaluation")
+
+
+# ---------------------------------------------------------------------------------------------
+# Fields of a resumed checkpoint
+
+
+def _is_mapping(value) -> bool:
+    return isinstance(value, Mapping)
+
+
+def _is_list_of_mappings(value) -> bool:
+    return isinstance(value, list) and all(map(_is_mapping, value))
+
+
+# (field, check, what it must be, required): a hand-edited or foreign checkpoint is refused
+# with the field named, instead of a TypeError or KeyError traceback, or a resumed step -5.
+_RESUME_FIELDS = (
+    ("model", _is_mapping, "a mapping of tensors", True),
+    ("optimizer", _is_mapping, "an optimizer state (a mapping)", True),
+    ("rng", _is_mapping, "a random state (a mapping)", True),
+    ("step", lambda v: _is_int(v) and v >= 0, "an integer >= 0", True),
+    ("seconds", lambda v: _is_number(v) and math.isfinite(v) and v >= 0, "a number >= 0", True),
+    ("ema", lambda v: v is None or _is_mapping(v), "None or a mapping of tensors", False),
+    ("history", _is_list_of_mappings, "a list of rows (mappings)", False),
+    ("world_size", lambda v: _is_int(v) and v >= 1, "an integer >= 1", False),
+    ("rng_per_rank", _is_list_of_mappings, "a list of random states", False),
+    ("schedule", lambda v: v is None or _is_mapping(v), "None or a mapping", False),
+)
+
+
+def _check_resumable(ckpt: dict, path: Path) -> None:
+    """Raises CheckpointError naming the first field a resumed run cannot use."""
+    for name, valid, what, required in _RESUME_FIELDS:
+        if name not in ckpt:
+            if required:
+                raise CheckpointError(f"checkpoint {path} has no {name!r} entry")
+            continue
+        if not valid(ckpt[name]):
+            shown = repr(ckpt[name])
+            shown = shown if len(shown) <= 60 else shown[:57] + "..."
+            raise CheckpointError(
+                f"checkpoint {path}: {name!r} must be {what}, got {type(ckpt[name]).__name__} "
+                f"{shown}"
+            )
+
+
+def _load_optimizer_state(optimizer, saved: Mapping, path: Path) -> None:
+    """``optimizer.load_state_dict`` with its errors, and state tensors shaped unlike their
+    parameters (which would fail only at the first step), as CheckpointError."""
+    try:
+        optimizer.load_state_dict(saved)
+    except (KeyError, TypeError, ValueError, RuntimeError, AttributeError) as err:
+        raise CheckpointError(
+            f"checkpoint {path}: its 'optimizer' state does not fit this run's optimizer "
+            f"({type(err).__name__}: {err})"
+        ) from err
+    for group in optimizer.param_groups:
+        for key, value in group.items():
+            if key != "params" and _is_number(value) and not math.isfinite(value):
+                raise CheckpointError(f"checkpoint {path}: optimizer setting {key!r} is {value}")
+    for param, entries in optimizer.state.items():
+        for key, value in entries.items():
+            if isinstance(value, torch.Tensor) and value.dim() and value.shape != param.shape:
+                raise CheckpointError(
+                    f"checkpoint {path}: optimizer state {key!r} has shape {tuple(value.shape)} "
+                    f"for a parameter of shape {tuple(param.shape)}"
+                )
 
 
 class _LossOf(nn.Module):
