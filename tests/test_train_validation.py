@@ -74,10 +74,13 @@ def test_cli_refuses_bad_model_numbers_before_anything_is_created(tmp_path, caps
         ("ckpt_every", 2.5, "ckpt_every must be an integer >= 1, got 2.5"),
         ("seed", -1, r"seed must be an integer in \[0, 2\*\*63\), got -1"),
         ("lr_schedule", "linear", "lr_schedule must be one of"),
+        ("overwrite", True, "resume and overwrite exclude each other"),
     ],
 )
 def test_train_refuses_bad_settings_before_anything_is_created(tmp_path, field, value, message):
     s = settings(tmp_path / "out", **{field: value})
+    if field == "overwrite":
+        s.resume = True
     with pytest.raises(ValueError, match=message):
         check_settings(s)
     with pytest.raises(ValueError, match=message):

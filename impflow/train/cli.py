@@ -18,7 +18,10 @@ from impflow.train.checkpoint import CheckpointError
 from impflow.train.loop import (
     LR_SCHEDULES,
     SEED_LIMIT,
+    ExistingRunError,
     NonFiniteLossError,
+    OutputFolderError,
+    OutputWriteError,
     TrainSettings,
     check_settings,
     train,
@@ -119,7 +122,14 @@ def _common(p: argparse.ArgumentParser, *, steps, batch_size, lr=1e-3, lr_schedu
     p.add_argument("--log-every", type=_positive_int, default=10)
     p.add_argument("--ckpt-every", type=_positive_int, default=200)
     p.add_argument("--seed", type=_seed, default=0)
-    p.add_argument("--resume", action="store_true", help="continue from OUT/checkpoint.pt")
+    rerun = p.add_mutually_exclusive_group()
+    rerun.add_argument("--resume", action="store_true", help="continue from OUT/checkpoint.pt")
+    rerun.add_argument(
+        "--overwrite",
+        action="store_true",
+        help="replace the run already in OUT (its checkpoint, log, metrics and figures; "
+        "other files are kept); without it, or --resume, such a folder is refused",
+    )
     p.add_argument("--device", default="cpu", help="cpu, cuda (torchrun: cuda:LOCAL_RANK), ...")
     p.add_argument("--dtype", choices=("float32", "float64"), default="float32")
     p.add_argument(
@@ -284,6 +294,7 @@ def settings_from(args) -> TrainSettings:
         ckpt_every=args.ckpt_every,
         seed=args.seed,
         resume=args.resume,
+        overwrite=args.overwrite,
         progress=not args.no_progress,
         tensorboard=args.tensorboard,
         device=args.device,
@@ -320,13 +331,16 @@ def main(argv=None) -> int:
     main_process = int(os.environ.get("RANK", "0")) == 0  # torchrun: only rank 0 reports
     try:
         metrics = train(task, settings)
-    except NonFiniteLossError as err:
+    except (NonFiniteLossError, OutputWriteError) as err:
+        # The run started and stopped: diverged, or a file could not be written (the last good
+        # checkpoint is kept, and the message says which step it holds).
         if main_process:
             print(f"error: {err}", file=sys.stderr)
         return 1
-    except (CheckpointError, FileNotFoundError) as err:
-        # --resume without a checkpoint, or with a corrupt one or one of another run: a usage
-        # error (the checkpoint is left as it was).
+    except (CheckpointError, FileNotFoundError, ExistingRunError, OutputFolderError) as err:
+        # --resume without a checkpoint, or with a corrupt one or one of another run; an earlier
+        # run in --out; an --out that cannot be written: a usage error, found before training
+        # (and nothing in --out was changed).
         if main_process:
             print(f"error: {err}", file=sys.stderr)
         return 2

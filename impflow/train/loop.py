@@ -25,20 +25,32 @@ has initialised) the model is wrapped in DistributedDataParallel and:
 - Rank 0 decides when the time budget is spent and tells the others, so every rank stops
   after the same step; a NaN or Inf loss on any rank stops every rank at that step with a
   :class:`NonFiniteLossError` naming the step and the ranks.
+- The output folder is looked at and prepared by rank 0 alone (an earlier run there, a folder
+  that cannot be written); every rank then raises what it found, so none waits on the others.
 - ``--resume``: every rank reads the checkpoint (the output folder must be visible to all
   ranks); each rank's random state is saved and restored when the number of processes is
   unchanged (otherwise the data stream still continues exactly, the ranks' own streams
   restart).
+
+**The output folder.** A folder that holds a run already (its ``checkpoint.pt``, ``log.csv``,
+``metrics.json`` or TensorBoard events) is refused unless the run resumes it (``resume``) or
+replaces it (``overwrite``, which removes that run's files and the figures its metrics.json
+lists, and keeps every other file). An empty, new or otherwise unrelated folder is used as it
+is. A folder that cannot be created or written is refused before training; a file that cannot
+be written later (a full disk) stops the run with :class:`OutputWriteError`, naming the file,
+the reason and the step the checkpoint keeps.
 """
 
 from __future__ import annotations
 
+import contextlib
 import csv
 import gc
 import json
 import math
 import numbers
 import os
+import tempfile
 import time
 import warnings
 from collections.abc import Mapping
@@ -53,18 +65,33 @@ from impflow._warnings import caller_stacklevel
 from impflow.nn._flow_common import NonFiniteError
 from impflow.train.checkpoint import (
     CheckpointError,
+    CheckpointWriteError,
     capture_rng_state,
     load_checkpoint,
     load_module_state,
+    os_reason,
+    remove_stale_temporaries,
     restore_rng_state,
     save_checkpoint,
 )
 from impflow.train.distributed import ProcessGroup, rank_seed, setup_process_group
 from impflow.train.ema import EMA, check_decay
 
-__all__ = ["NonFiniteLossError", "ResumeWarning", "Task", "TrainSettings", "train"]
+__all__ = [
+    "ExistingRunError",
+    "NonFiniteLossError",
+    "OutputFolderError",
+    "OutputWriteError",
+    "ResumeWarning",
+    "Task",
+    "TrainSettings",
+    "train",
+]
 
 CHECKPOINT_NAME = "checkpoint.pt"
+# The files that make a folder hold a run (TensorBoard's event files too, see _run_files).
+RUN_FILES = (CHECKPOINT_NAME, "log.csv", "metrics.json")
+_FIGURE_SUFFIXES = (".png", ".pdf", ".svg", ".jpg")
 DTYPES = {"float32": torch.float32, "float64": torch.float64}
 
 
@@ -133,6 +160,21 @@ class NonFiniteLossError(RuntimeError):
     """The loss became NaN or Inf; the last good checkpoint is kept."""
 
 
+class ExistingRunError(RuntimeError):
+    """The output folder holds a run already, and neither resume nor overwrite was asked for
+    (nothing was touched)."""
+
+
+class OutputFolderError(RuntimeError):
+    """The output folder cannot be created or written, found before training started."""
+
+
+class OutputWriteError(RuntimeError):
+    """A file of the run (checkpoint, log, metrics, figure) could not be written during or
+    after training: the message names it, the operating system's reason and the step the
+    checkpoint keeps."""
+
+
 @dataclass
 class TrainSettings:
     """What every task's run shares (the CLI's common options).
@@ -151,6 +193,8 @@ class TrainSettings:
         ckpt_every: steps between checkpoints (one is always written at the end).
         seed: seeds the model's initialisation, the data stream and every random draw.
         resume: continue from ``out/checkpoint.pt`` (an error if it is missing).
+        overwrite: replace a run already in ``out`` (without it, or ``resume``, such a folder is
+            refused with :class:`ExistingRunError`).
         progress: show a tqdm progress bar.
         tensorboard: also log to TensorBoard (``out/tensorboard``).
         device: ``cpu``, ``cuda`` (under torchrun: ``cuda:LOCAL_RANK`` on each rank), ...
@@ -173,6 +217,7 @@ class TrainSettings:
     ckpt_every: int = 200
     seed: int = 0
     resume: bool = False
+    overwrite: bool = False
     progress: bool = True
     tensorboard: bool = False
     device: str = "cpu"
@@ -270,6 +315,8 @@ def check_settings(settings: TrainSettings) -> None:
         raise ValueError(f"seed must be an integer in [0, 2**63), got {settings.seed!r}")
     if settings.lr_schedule not in LR_SCHEDULES:
         raise ValueError(f"lr_schedule must be one of {LR_SCHEDULES}, got {settings.lr_schedule!r}")
+    if settings.resume and settings.overwrite:
+        raise ValueError("resume and overwrite exclude each other: continue the run or replace it")
     check_decay(settings.ema_decay, "ema_decay")
     try:
         torch.device(settings.device)
@@ -316,8 +363,11 @@ def _train(task: Task, settings: TrainSettings, group: ProcessGroup, device) -> 
     dtype = DTYPES[settings.dtype]
     config = {"task": task.name, **task.config(), "dtype": settings.dtype}
     _check_batch_size(getattr(task, "batch_size", None), group)
-    if group.is_main:  # only rank 0 writes
-        out.mkdir(parents=True, exist_ok=True)
+    if settings.resume and not ckpt_path.exists():
+        raise FileNotFoundError(f"--resume: no checkpoint at {ckpt_path}")
+    # Only rank 0 looks and writes; every rank raises what it found (a run there, a folder that
+    # cannot be written), so no rank waits on another.
+    group.run_on_main(lambda: _prepare_output(out, settings), "preparing the output folder")
 
     torch.manual_seed(settings.seed)
     model = task.build_model().to(device=device, dtype=dtype)
@@ -329,10 +379,9 @@ def _train(task: Task, settings: TrainSettings, group: ProcessGroup, device) -> 
     data_gen = torch.Generator().manual_seed(settings.seed + 1)
     ema = None  # created after the first step, once data-dependent layers are initialised
     state = _RunState()
+    saved_step = None  # the step the checkpoint on disk holds (None: none of this run)
 
     if settings.resume:
-        if not ckpt_path.exists():
-            raise FileNotFoundError(f"--resume: no checkpoint at {ckpt_path}")
         # A checkpoint of another model or data is refused with every difference listed.
         # Checkpoints of float32 runs before the --dtype option did not record it.
         ckpt = load_checkpoint(
@@ -345,6 +394,7 @@ def _train(task: Task, settings: TrainSettings, group: ProcessGroup, device) -> 
             ema = EMA(model, settings.ema_decay)
             load_module_state(ema, ckpt["ema"], what="EMA")
         state = _RunState(ckpt["step"], float(ckpt["seconds"]), list(ckpt.get("history") or []))
+        saved_step = state.step
         if group.is_main:
             _warn_about_resumed_schedule(ckpt.get("schedule"), settings, state.step)
         _restore_rng(ckpt, group, settings.seed, state.step, data_gen)
@@ -363,7 +413,21 @@ def _train(task: Task, settings: TrainSettings, group: ProcessGroup, device) -> 
     def loss_of(batch):
         return task.loss(model, batch) if wrapped is None else wrapped(batch)
 
+    def kept() -> str:
+        if saved_step is None:
+            return "no checkpoint was written yet"
+        return f"the last good checkpoint ({ckpt_path}, step {saved_step}) is kept"
+
+    def _stopped(what: str) -> NonFiniteLossError:
+        return NonFiniteLossError(f"{what}; stopped, {kept()}; lower --lr or add --grad-clip")
+
+    def write_failed(path, reason: str) -> OutputWriteError:
+        return OutputWriteError(
+            f"cannot write {path}: {reason}; stopped at step {state.step}, {kept()}"
+        )
+
     def save():
+        nonlocal saved_step
         rng = group.gather(capture_rng_state({"data": data_gen}))  # every rank's
 
         def write():
@@ -381,21 +445,25 @@ def _train(task: Task, settings: TrainSettings, group: ProcessGroup, device) -> 
             }
             if group.distributed:
                 payload["rng_per_rank"] = rng
-            # NaN weights never replace the last good checkpoint
-            save_checkpoint(ckpt_path, payload, require_finite=True)
+            try:
+                # NaN weights never replace the last good checkpoint
+                save_checkpoint(ckpt_path, payload, require_finite=True)
+            except CheckpointWriteError as err:
+                raise write_failed(err.path, err.reason) from err
 
         group.run_on_main(write, "writing the checkpoint")
-
-    def _stopped(what: str) -> NonFiniteLossError:
-        kept = ckpt_path if ckpt_path.exists() else "none yet"
-        return NonFiniteLossError(
-            f"{what}; stopping. The last good checkpoint ({kept}) is kept; lower --lr or add "
-            "--grad-clip"
-        )
+        saved_step = state.step
 
     resume_step = state.step if settings.resume else None
-    log = _Log(out, settings, resume_step) if group.is_main else None
+    log = None
+
+    def open_log():
+        nonlocal log
+        log = _Log(out, settings, resume_step)
+
+    group.run_on_main(open_log, "opening log.csv")
     bar = _progress(settings, state.step) if group.is_main else None
+    log_error = None  # rank 0's failed log write: every rank stops at the next reduction
     try:
         while state.step < settings.steps:
             # rank 0's clock decides for all: the stop, and the progress the schedule follows
@@ -419,7 +487,13 @@ def _train(task: Task, settings: TrainSettings, group: ProcessGroup, device) -> 
                 raise _stopped(
                     f"the model met NaN or Inf at step {state.step + 1} ({err})"
                 ) from err
-            loss_value, metrics, bad_ranks = _reduce_step(loss, metrics, group)
+            loss_value, metrics, bad_ranks, stop = _reduce_step(
+                loss, metrics, group, stop=log_error is not None
+            )
+            if stop:
+                raise log_error or OutputWriteError(
+                    "rank 0 could not write log.csv (its error is in rank 0's output)"
+                )
             if bad_ranks:
                 where = ""
                 if group.distributed:
@@ -446,8 +520,13 @@ def _train(task: Task, settings: TrainSettings, group: ProcessGroup, device) -> 
             }
             if state.step % settings.log_every == 0 or state.step == 1:
                 state.history.append(row)
-                if log is not None:
-                    log.write(row)
+                if log is not None and log_error is None:
+                    try:
+                        log.write(row)
+                    except OSError as err:
+                        log_error = write_failed(log.path, os_reason(err))
+                        if not group.distributed:
+                            raise log_error from err
                 if bar is not None:
                     bar.set_postfix({k: _short(v) for k, v in row.items() if k != "step"})
             if bar is not None:
@@ -459,7 +538,12 @@ def _train(task: Task, settings: TrainSettings, group: ProcessGroup, device) -> 
         if bar is not None:
             bar.close()
         if log is not None:
-            log.close()
+            with contextlib.suppress(OSError):  # rows were flushed; keep the first error
+                log.close()
+    if group.from_main(log_error is not None):  # a failed write of the last rows
+        raise log_error or OutputWriteError(
+            "rank 0 could not write log.csv (its error is in rank 0's output)"
+        )
     save()
 
     def evaluate():
@@ -472,14 +556,116 @@ def _train(task: Task, settings: TrainSettings, group: ProcessGroup, device) -> 
             "world_size": group.world_size,
             **task.evaluate(eval_model),
         }
-        metrics["figures"] = [str(p) for p in task.figures(eval_model, out)]
+        try:
+            metrics["figures"] = [str(p) for p in task.figures(eval_model, out)]
+        except OSError as err:
+            raise finished_but(err.filename or f"a figure in {out}", err) from err
         metrics["settings"] = {
             k: (str(v) if isinstance(v, Path) else v) for k, v in asdict(settings).items()
         }
-        (out / "metrics.json").write_text(json.dumps(metrics, indent=2) + "\n")
+        try:
+            _write_text_atomically(out / "metrics.json", json.dumps(metrics, indent=2) + "\n")
+        except OSError as err:
+            raise finished_but(out / "metrics.json", err) from err
         return metrics
 
+    def finished_but(path, err: OSError) -> OutputWriteError:
+        return OutputWriteError(
+            f"cannot write {path}: {os_reason(err)}; the training finished at step "
+            f"{state.step}, which {ckpt_path} holds"
+        )
+
     return group.run_on_main(evaluate, "the final evaluation")
+
+
+def _prepare_output(out: Path, settings: TrainSettings) -> None:
+    """Before anything else (rank 0): refuses a folder that holds a run unless the run resumes
+    or replaces it (then removes that run's files), creates the folder, makes sure files can
+    be created in it, and removes temporary checkpoint files that killed writers left."""
+    if out.exists() and not out.is_dir():
+        raise OutputFolderError(f"--out {out} is a file, not a folder")
+    if not settings.resume:
+        found = _run_files(out)
+        if found and not settings.overwrite:
+            raise ExistingRunError(
+                f"{out} already holds a run ({', '.join(found)}): pass --resume to continue it "
+                "or --overwrite to replace it"
+            )
+        if found:
+            _remove_run(out)
+    try:
+        out.mkdir(parents=True, exist_ok=True)
+    except OSError as err:
+        raise OutputFolderError(
+            f"cannot create the output folder {out}: {os_reason(err)}; choose another --out"
+        ) from err
+    try:
+        _probe_writable(out)
+    except OSError as err:
+        raise OutputFolderError(
+            f"cannot create files in the output folder {out}: {os_reason(err)}; nothing was "
+            "trained (choose another --out or make it writable)"
+        ) from err
+    remove_stale_temporaries(out / CHECKPOINT_NAME)
+
+
+def _run_files(out: Path) -> list[str]:
+    """What of an earlier run ``out`` holds: its checkpoint, log.csv, metrics.json, TensorBoard
+    event files. Other files (a README, data) do not make it a run's folder."""
+    if not out.is_dir():
+        return []
+    found = [name for name in RUN_FILES if os.path.lexists(out / name)]
+    if any((out / "tensorboard").glob("events.out.tfevents.*")):
+        found.append("tensorboard/")
+    return found
+
+
+def _figures_of(out: Path) -> list[Path]:
+    """The figures an earlier run's metrics.json lists, by name inside ``out`` only."""
+    try:
+        listed = json.loads((out / "metrics.json").read_text()).get("figures", [])
+        names = {Path(str(p)).name for p in listed}
+    except (OSError, ValueError, AttributeError, TypeError):
+        return []
+    return [out / n for n in sorted(names) if n.endswith(_FIGURE_SUFFIXES) and n not in RUN_FILES]
+
+
+def _remove_run(out: Path) -> None:
+    """--overwrite: removes an earlier run's files (never a folder, nor any other file), the
+    checkpoint last: a failure on the way keeps it."""
+    doomed = [out / "metrics.json", *_figures_of(out)]
+    doomed += sorted((out / "tensorboard").glob("events.out.tfevents.*"))
+    doomed += [out / "log.csv", out / "log.csv.partial", out / CHECKPOINT_NAME]
+    for path in doomed:
+        try:
+            path.unlink()
+        except FileNotFoundError:
+            pass
+        except OSError as err:
+            raise OutputFolderError(
+                f"--overwrite: cannot remove {path}: {os_reason(err)}; nothing was trained"
+            ) from err
+    remove_stale_temporaries(out / CHECKPOINT_NAME)
+
+
+def _probe_writable(out: Path) -> None:
+    """Creates and removes an empty file named like a checkpoint writer's temporary (so that
+    one left by a kill is cleaned up as such)."""
+    fd, name = tempfile.mkstemp(dir=out, prefix=f".{CHECKPOINT_NAME}.{os.getpid()}.", suffix=".tmp")
+    os.close(fd)
+    os.unlink(name)
+
+
+def _write_text_atomically(path: Path, text: str) -> None:
+    """A full disk leaves the previous file or none, never half of one."""
+    partial = path.with_name(path.name + ".partial")
+    try:
+        partial.write_text(text)
+        os.replace(partial, path)
+    except BaseException:
+        with contextlib.suppress(OSError):
+            partial.unlink()
+        raise
 
 
 # ---------------------------------------------------------------------------------------------
@@ -579,27 +765,30 @@ def _shard(batch: torch.Tensor, group: ProcessGroup) -> torch.Tensor:
     return batch.narrow(0, group.rank * size, size)
 
 
-def _reduce_step(loss: torch.Tensor, metrics: dict, group: ProcessGroup):
-    """``(loss, metrics, ranks with a non-finite loss)`` with the loss and numeric metrics
-    averaged over ranks (equal shards: the global-batch means), in one collective."""
+def _reduce_step(loss: torch.Tensor, metrics: dict, group: ProcessGroup, stop: bool = False):
+    """``(loss, metrics, ranks with a non-finite loss, whether a rank asked to stop)`` with the
+    loss and numeric metrics averaged over ranks (equal shards: the global-batch means), in one
+    collective. ``stop``: this rank cannot go on (rank 0 could not write its log)."""
     value = float(loss.detach())
     if not group.distributed:
-        return value, metrics, ([] if math.isfinite(value) else [0])
+        return value, metrics, ([] if math.isfinite(value) else [0]), stop
     numeric = [
         k for k, v in metrics.items() if isinstance(v, (int, float)) and not isinstance(v, bool)
     ]
-    packed = torch.zeros(group.world_size + 1 + len(numeric), dtype=torch.float64)
+    n = group.world_size
+    packed = torch.zeros(n + 2 + len(numeric), dtype=torch.float64)
     packed[group.rank] = 0.0 if math.isfinite(value) else 1.0
-    packed[group.world_size] = value
+    packed[n] = float(stop)
+    packed[n + 1] = value
     for i, k in enumerate(numeric):
-        packed[group.world_size + 1 + i] = float(metrics[k])
+        packed[n + 2 + i] = float(metrics[k])
     total = group.sum(packed)
-    bad = [r for r in range(group.world_size) if total[r] > 0]
-    means = (total[group.world_size :] / group.world_size).tolist()
+    bad = [r for r in range(n) if total[r] > 0]
+    means = (total[n + 1 :] / n).tolist()
     averaged = dict(metrics)
     for k, v in zip(numeric, means[1:]):
         averaged[k] = v
-    return means[0], averaged, bad
+    return means[0], averaged, bad, bool(total[n] > 0)
 
 
 def _restore_rng(ckpt: dict, group: ProcessGroup, seed: int, step: int, data_gen) -> None:
@@ -682,9 +871,14 @@ def _drop_rows_after(path: Path, step: int) -> None:
     if len(kept) == len(rows):
         return
     partial = path.with_name(path.name + ".partial")
-    with open(partial, "w", newline="") as f:
-        csv.writer(f).writerows(kept)
-    os.replace(partial, path)
+    try:
+        with open(partial, "w", newline="") as f:
+            csv.writer(f).writerows(kept)
+        os.replace(partial, path)
+    except BaseException:
+        with contextlib.suppress(OSError):
+            partial.unlink()
+        raise
 
 
 class _Log:
@@ -692,13 +886,24 @@ class _Log:
 
     def __init__(self, out: Path, settings: TrainSettings, resume_step: int | None):
         self.path = out / "log.csv"
-        if resume_step is not None and self.path.exists():
-            _drop_rows_after(self.path, resume_step)
-        self.file = open(self.path, "a" if resume_step is not None else "w", newline="")
         self.writer = None
         self.tb = None
+        try:
+            if resume_step is not None and self.path.exists():
+                _drop_rows_after(self.path, resume_step)
+            self.file = open(self.path, "a" if resume_step is not None else "w", newline="")
+        except OSError as err:
+            raise OutputFolderError(
+                f"cannot write {self.path}: {os_reason(err)}; nothing was trained"
+            ) from err
         if settings.tensorboard:
-            self.tb = _summary_writer_class()(str(out / "tensorboard"))
+            try:
+                self.tb = _summary_writer_class()(str(out / "tensorboard"))
+            except OSError as err:
+                self.file.close()
+                raise OutputFolderError(
+                    f"cannot write {out / 'tensorboard'}: {os_reason(err)}; nothing was trained"
+                ) from err
 
     def write(self, row: dict) -> None:
         if self.writer is None:
