@@ -66,6 +66,7 @@ from impflow.nn._flow_common import NonFiniteError
 from impflow.train.checkpoint import (
     CheckpointError,
     CheckpointWriteError,
+    NonFiniteStateError,
     capture_rng_state,
     load_checkpoint,
     load_module_state,
@@ -157,7 +158,8 @@ def _warn_about_resumed_schedule(saved: dict | None, settings, step: int) -> Non
 
 
 class NonFiniteLossError(RuntimeError):
-    """The loss became NaN or Inf; the last good checkpoint is kept."""
+    """The loss, the weights or a value inside the model became NaN or Inf (or the weights so
+    large that their norms overflow); the run stopped and the last good checkpoint is kept."""
 
 
 class ExistingRunError(RuntimeError):
@@ -431,6 +433,11 @@ def _train(task: Task, settings: TrainSettings, group: ProcessGroup, device) -> 
         rng = group.gather(capture_rng_state({"data": data_gen}))  # every rank's
 
         def write():
+            blown = _blown_up(model.state_dict(), "parameter")
+            if blown is None and ema is not None:
+                blown = _blown_up(ema.state_dict(), "EMA weight")
+            if blown is not None:  # never written over the last good checkpoint
+                raise _stopped(f"the weights blew up at step {state.step}: {blown}")
             payload = {
                 "config": config,
                 "model": model.state_dict(),
@@ -448,6 +455,8 @@ def _train(task: Task, settings: TrainSettings, group: ProcessGroup, device) -> 
             try:
                 # NaN weights never replace the last good checkpoint
                 save_checkpoint(ckpt_path, payload, require_finite=True)
+            except NonFiniteStateError as err:
+                raise _stopped(f"{err.where} holds NaN or Inf at step {state.step}") from err
             except CheckpointWriteError as err:
                 raise write_failed(err.path, err.reason) from err
 
@@ -478,15 +487,15 @@ def _train(task: Task, settings: TrainSettings, group: ProcessGroup, device) -> 
             batch = placed(_shard(task.sample_batch(data_gen), group))
             try:
                 loss, metrics = loss_of(batch)
-            except NonFiniteError as err:
+            except Exception as err:
                 # Weights blown up far enough that a layer's output is Inf stop a flow layer
-                # before the loss: the same failure as a non-finite loss, reported alike. (A
-                # multi-process run lets it propagate: the other ranks cannot be told.)
-                if group.distributed:
+                # before the loss, or fail its checks (contractivity): the same failure as a
+                # non-finite loss, reported alike. (In a multi-process run only this rank
+                # knows: the others stop when its process group goes.)
+                failure = _model_failure(err, model, state.step + 1, group)
+                if failure is None:
                     raise
-                raise _stopped(
-                    f"the model met NaN or Inf at step {state.step + 1} ({err})"
-                ) from err
+                raise _stopped(failure) from err
             loss_value, metrics, bad_ranks, stop = _reduce_step(
                 loss, metrics, group, stop=log_error is not None
             )
@@ -500,11 +509,17 @@ def _train(task: Task, settings: TrainSettings, group: ProcessGroup, device) -> 
                     where = f" (non-finite on rank {', '.join(map(str, bad_ranks))} of "
                     where += f"{group.world_size})"
                 raise _stopped(f"the loss is {loss_value:g} at step {state.step + 1}{where}")
-            optimizer.zero_grad(set_to_none=True)
-            loss.backward()
-            if settings.grad_clip is not None:
-                nn.utils.clip_grad_norm_(model.parameters(), settings.grad_clip)
-            optimizer.step()
+            try:
+                optimizer.zero_grad(set_to_none=True)
+                loss.backward()
+                if settings.grad_clip is not None:
+                    nn.utils.clip_grad_norm_(model.parameters(), settings.grad_clip)
+                optimizer.step()
+            except Exception as err:
+                failure = _model_failure(err, model, state.step + 1, group)
+                if failure is None:
+                    raise
+                raise _stopped(failure) from err
             if group.is_main:  # only rank 0 evaluates and saves the EMA weights
                 if ema is None:
                     ema = EMA(model, settings.ema_decay)
@@ -669,7 +684,7 @@ def _write_text_atomically(path: Path, text: str) -> None:
 
 
 # ---------------------------------------------------------------------------------------------
-# Fields of a resumed checkpoint
+# Checkpoint fields and blown-up weights
 
 
 def _is_mapping(value) -> bool:
@@ -733,6 +748,44 @@ def _load_optimizer_state(optimizer, saved: Mapping, path: Path) -> None:
                     f"checkpoint {path}: optimizer state {key!r} has shape {tuple(value.shape)} "
                     f"for a parameter of shape {tuple(param.shape)}"
                 )
+
+
+def _blown_up(tensors: Mapping, what: str, *, overflow: bool = True) -> str | None:
+    """Where weights have blown up: a NaN or Inf, or (``overflow``) a tensor whose squared norm
+    overflows its dtype, so that the norms and power iterations of spectral normalisation
+    overflow and the blocks' checks fail with misleading messages (not contractive)."""
+    for name, t in tensors.items():
+        if not (isinstance(t, torch.Tensor) and t.is_floating_point() and t.numel()):
+            continue
+        t = t.detach()
+        if not bool(torch.isfinite(t).all()):
+            return f"{what} {name} holds NaN or Inf"
+        if overflow and float(t.double().square().sum()) > torch.finfo(t.dtype).max:
+            kind = str(t.dtype).replace("torch.", "")
+            return (
+                f"{what} {name} has grown to {float(t.abs().max()):.3g}, so its squared norm "
+                f"overflows {kind}"
+            )
+    return None
+
+
+def _model_failure(err: Exception, model: nn.Module, step: int, group) -> str | None:
+    """What to report when training step ``step`` raised ``err``: the model met NaN or Inf, or
+    its weights blew up; None for any other error (it propagates as it is)."""
+    rank = f" on rank {group.rank} of {group.world_size}" if group.distributed else ""
+    if isinstance(err, NonFiniteError) or "NaN or Inf" in str(err):
+        return f"the model met NaN or Inf at step {step}{rank} ({err})"
+    grads = {n: p.grad for n, p in model.named_parameters() if p.grad is not None}
+    blown = _blown_up(model.state_dict(), "parameter") or _blown_up(
+        grads, "the gradient of", overflow=False
+    )
+    if blown is None:
+        return None
+    first_line = (str(err).strip().splitlines() or [""])[0]
+    return (
+        f"the weights blew up at step {step}{rank}: {blown}, and the step failed "
+        f"({type(err).__name__}: {first_line})"
+    )
 
 
 class _LossOf(nn.Module):
