@@ -253,7 +253,7 @@ def test_cli_rejects_unknown_options_and_bad_values(tmp_path, capsys):
     [
         (["--activation", "relu"], "unknown activation 'relu'"),
         (["--coeff", "1.5"], "coeff must be a number in"),
-        (["--ema-decay", "1.5"], "ema_decay must be a number in"),
+        (["--ema-decay", "1.5"], "argument --ema-decay: must be a number in [0, 1)"),
         (["--device", "foo"], "device must be a torch device"),
     ],
 )

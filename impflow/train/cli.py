@@ -5,6 +5,7 @@ processes with ``torchrun --nproc_per_node N -m impflow.train <task> [options]``
 from __future__ import annotations
 
 import argparse
+import math
 import os
 import sys
 from pathlib import Path
@@ -16,7 +17,11 @@ from impflow.train.distributed import BACKENDS, torchrun_environment
 from impflow.train.checkpoint import CheckpointError
 from impflow.train.loop import (
     LR_SCHEDULES,
+    SEED_LIMIT,
+    ExistingRunError,
     NonFiniteLossError,
+    OutputFolderError,
+    OutputWriteError,
     TrainSettings,
     check_settings,
     train,
@@ -35,8 +40,29 @@ def _positive_int(text):
 
 def _positive_float(text):
     value = float(text)
-    if not value > 0:
-        raise argparse.ArgumentTypeError(f"must be a number > 0, got {text}")
+    if not (math.isfinite(value) and value > 0):
+        raise argparse.ArgumentTypeError(f"must be a finite number > 0, got {text}")
+    return value
+
+
+def _nonnegative_float(text):
+    value = float(text)
+    if not (math.isfinite(value) and value >= 0):
+        raise argparse.ArgumentTypeError(f"must be a finite number >= 0, got {text}")
+    return value
+
+
+def _decay(text):
+    value = float(text)
+    if not 0 <= value < 1:  # NaN fails too
+        raise argparse.ArgumentTypeError(f"must be a number in [0, 1), got {text}")
+    return value
+
+
+def _seed(text):
+    value = int(text)
+    if not 0 <= value < SEED_LIMIT:
+        raise argparse.ArgumentTypeError(f"must be an integer in [0, 2**63), got {text}")
     return value
 
 
@@ -90,13 +116,20 @@ def _common(p: argparse.ArgumentParser, *, steps, batch_size, lr=1e-3, lr_schedu
         default=lr_schedule,
         help="cosine: decay to 0 over --steps or --time-budget, whichever ends first",
     )
-    p.add_argument("--weight-decay", type=float, default=0.0)
-    p.add_argument("--ema-decay", type=float, default=0.99)
+    p.add_argument("--weight-decay", type=_nonnegative_float, default=0.0)
+    p.add_argument("--ema-decay", type=_decay, default=0.99)
     p.add_argument("--grad-clip", type=_positive_float, default=None)
     p.add_argument("--log-every", type=_positive_int, default=10)
     p.add_argument("--ckpt-every", type=_positive_int, default=200)
-    p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--resume", action="store_true", help="continue from OUT/checkpoint.pt")
+    p.add_argument("--seed", type=_seed, default=0)
+    rerun = p.add_mutually_exclusive_group()
+    rerun.add_argument("--resume", action="store_true", help="continue from OUT/checkpoint.pt")
+    rerun.add_argument(
+        "--overwrite",
+        action="store_true",
+        help="replace the run already in OUT (its checkpoint, log, metrics and figures; "
+        "other files are kept); without it, or --resume, such a folder is refused",
+    )
     p.add_argument("--device", default="cpu", help="cpu, cuda (torchrun: cuda:LOCAL_RANK), ...")
     p.add_argument("--dtype", choices=("float32", "float64"), default="float32")
     p.add_argument(
@@ -261,6 +294,7 @@ def settings_from(args) -> TrainSettings:
         ckpt_every=args.ckpt_every,
         seed=args.seed,
         resume=args.resume,
+        overwrite=args.overwrite,
         progress=not args.no_progress,
         tensorboard=args.tensorboard,
         device=args.device,
@@ -297,13 +331,16 @@ def main(argv=None) -> int:
     main_process = int(os.environ.get("RANK", "0")) == 0  # torchrun: only rank 0 reports
     try:
         metrics = train(task, settings)
-    except NonFiniteLossError as err:
+    except (NonFiniteLossError, OutputWriteError) as err:
+        # The run started and stopped: diverged, or a file could not be written (the last good
+        # checkpoint is kept, and the message says which step it holds).
         if main_process:
             print(f"error: {err}", file=sys.stderr)
         return 1
-    except (CheckpointError, FileNotFoundError) as err:
-        # --resume without a checkpoint, or with a corrupt one or one of another run: a usage
-        # error (the checkpoint is left as it was).
+    except (CheckpointError, FileNotFoundError, ExistingRunError, OutputFolderError) as err:
+        # --resume without a checkpoint, or with a corrupt one or one of another run; an earlier
+        # run in --out; an --out that cannot be written: a usage error, found before training
+        # (and nothing in --out was changed).
         if main_process:
             print(f"error: {err}", file=sys.stderr)
         return 2

@@ -14,6 +14,7 @@ arguments, so that no rank waits on another forever.
 from __future__ import annotations
 
 import os
+import pickle
 from collections.abc import Callable
 from dataclasses import dataclass, field
 
@@ -103,8 +104,10 @@ class ProcessGroup:
     def run_on_main(self, fn: Callable, what: str):
         """Runs ``fn()`` on rank 0 only and returns its (picklable) result on every rank.
 
-        If it raises on rank 0, rank 0 re-raises and every other rank raises a RuntimeError
-        naming ``what``, rather than waiting for a result that never comes.
+        If it raises on rank 0, rank 0 re-raises and every other rank raises a copy of its
+        error (the same type and message, so every rank reports it alike), or a RuntimeError
+        naming ``what`` where the error cannot be copied, rather than waiting for a result
+        that never comes.
         """
         if not self.distributed:
             return fn()
@@ -113,14 +116,27 @@ class ProcessGroup:
             try:
                 box = [("ok", fn())]
             except BaseException as err:  # noqa: BLE001 (tell the other ranks, then raise here)
-                box, error = [("failed", None)], err
+                box, error = [("failed", _copy_of(err))], err
         dist.broadcast_object_list(box, src=0)
         if error is not None:
             raise error
         status, result = box[0]
         if status != "ok":
+            if isinstance(result, Exception):
+                raise result
             raise RuntimeError(f"{what} failed on rank 0 (its error is in rank 0's output)")
         return result
+
+
+def _copy_of(err: BaseException) -> Exception | None:
+    """A copy of ``err`` that other ranks can raise, or None: a broadcast of something that does
+    not pickle would fail on rank 0 alone and leave the other ranks waiting."""
+    if not isinstance(err, Exception):  # Ctrl-C and exits reach every rank by themselves
+        return None
+    try:
+        return pickle.loads(pickle.dumps(err))
+    except Exception:  # noqa: BLE001 (any failure to copy: send none)
+        return None
 
 
 def _resolve_device(device: torch.device, local_rank: int) -> torch.device:

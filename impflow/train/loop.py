@@ -25,21 +25,35 @@ has initialised) the model is wrapped in DistributedDataParallel and:
 - Rank 0 decides when the time budget is spent and tells the others, so every rank stops
   after the same step; a NaN or Inf loss on any rank stops every rank at that step with a
   :class:`NonFiniteLossError` naming the step and the ranks.
+- The output folder is looked at and prepared by rank 0 alone (an earlier run there, a folder
+  that cannot be written); every rank then raises what it found, so none waits on the others.
 - ``--resume``: every rank reads the checkpoint (the output folder must be visible to all
   ranks); each rank's random state is saved and restored when the number of processes is
   unchanged (otherwise the data stream still continues exactly, the ranks' own streams
   restart).
+
+**The output folder.** A folder that holds a run already (its ``checkpoint.pt``, ``log.csv``,
+``metrics.json`` or TensorBoard events) is refused unless the run resumes it (``resume``) or
+replaces it (``overwrite``, which removes that run's files and the figures its metrics.json
+lists, and keeps every other file). An empty, new or otherwise unrelated folder is used as it
+is. A folder that cannot be created or written is refused before training; a file that cannot
+be written later (a full disk) stops the run with :class:`OutputWriteError`, naming the file,
+the reason and the step the checkpoint keeps.
 """
 
 from __future__ import annotations
 
+import contextlib
 import csv
 import gc
 import json
 import math
+import numbers
 import os
+import tempfile
 import time
 import warnings
+from collections.abc import Mapping
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
@@ -50,18 +64,35 @@ from torch.nn.parallel import DistributedDataParallel
 from impflow._warnings import caller_stacklevel
 from impflow.nn._flow_common import NonFiniteError
 from impflow.train.checkpoint import (
+    CheckpointError,
+    CheckpointWriteError,
+    NonFiniteStateError,
     capture_rng_state,
     load_checkpoint,
     load_module_state,
+    os_reason,
+    remove_stale_temporaries,
     restore_rng_state,
     save_checkpoint,
 )
 from impflow.train.distributed import ProcessGroup, rank_seed, setup_process_group
 from impflow.train.ema import EMA, check_decay
 
-__all__ = ["NonFiniteLossError", "ResumeWarning", "Task", "TrainSettings", "train"]
+__all__ = [
+    "ExistingRunError",
+    "NonFiniteLossError",
+    "OutputFolderError",
+    "OutputWriteError",
+    "ResumeWarning",
+    "Task",
+    "TrainSettings",
+    "train",
+]
 
 CHECKPOINT_NAME = "checkpoint.pt"
+# The files that make a folder hold a run (TensorBoard's event files too, see _run_files).
+RUN_FILES = (CHECKPOINT_NAME, "log.csv", "metrics.json")
+_FIGURE_SUFFIXES = (".png", ".pdf", ".svg", ".jpg")
 DTYPES = {"float32": torch.float32, "float64": torch.float64}
 
 
@@ -127,7 +158,23 @@ def _warn_about_resumed_schedule(saved: dict | None, settings, step: int) -> Non
 
 
 class NonFiniteLossError(RuntimeError):
-    """The loss became NaN or Inf; the last good checkpoint is kept."""
+    """The loss, the weights or a value inside the model became NaN or Inf (or the weights so
+    large that their norms overflow); the run stopped and the last good checkpoint is kept."""
+
+
+class ExistingRunError(RuntimeError):
+    """The output folder holds a run already, and neither resume nor overwrite was asked for
+    (nothing was touched)."""
+
+
+class OutputFolderError(RuntimeError):
+    """The output folder cannot be created or written, found before training started."""
+
+
+class OutputWriteError(RuntimeError):
+    """A file of the run (checkpoint, log, metrics, figure) could not be written during or
+    after training: the message names it, the operating system's reason and the step the
+    checkpoint keeps."""
 
 
 @dataclass
@@ -148,6 +195,8 @@ class TrainSettings:
         ckpt_every: steps between checkpoints (one is always written at the end).
         seed: seeds the model's initialisation, the data stream and every random draw.
         resume: continue from ``out/checkpoint.pt`` (an error if it is missing).
+        overwrite: replace a run already in ``out`` (without it, or ``resume``, such a folder is
+            refused with :class:`ExistingRunError`).
         progress: show a tqdm progress bar.
         tensorboard: also log to TensorBoard (``out/tensorboard``).
         device: ``cpu``, ``cuda`` (under torchrun: ``cuda:LOCAL_RANK`` on each rank), ...
@@ -170,6 +219,7 @@ class TrainSettings:
     ckpt_every: int = 200
     seed: int = 0
     resume: bool = False
+    overwrite: bool = False
     progress: bool = True
     tensorboard: bool = False
     device: str = "cpu"
@@ -227,10 +277,48 @@ def _adam(params, **options) -> torch.optim.Adam:
         return torch.optim.Adam(params, **options)
 
 
+def _is_int(value) -> bool:
+    return isinstance(value, numbers.Integral) and not isinstance(value, bool)
+
+
+def _is_number(value) -> bool:
+    return isinstance(value, numbers.Real) and not isinstance(value, bool)
+
+
+def _check_number(value, name: str, *, low: float, low_allowed: bool, optional=False) -> None:
+    """A finite number above ``low`` (or equal to it where allowed); None where optional."""
+    if optional and value is None:
+        return
+    finite = _is_number(value) and math.isfinite(value)  # first: no comparison of a str
+    if not (finite and (value > low or (low_allowed and value == low))):
+        bound = f"{'>=' if low_allowed else '>'} {low:g}"
+        raise ValueError(f"{name} must be a finite number {bound}, got {value!r}")
+
+
+def _check_count(value, name: str) -> None:
+    if not (_is_int(value) and value >= 1):
+        raise ValueError(f"{name} must be an integer >= 1, got {value!r}")
+
+
+SEED_LIMIT = 2**63  # seeds are in [0, 2**63): torch's generators take seed + 1 and per-rank seeds
+
+
 def check_settings(settings: TrainSettings) -> None:
     """Raises ``ValueError`` (``ImportError`` for a missing TensorBoard) for settings that would
     otherwise fail only once the run has started: after its folder, the model and the first
     step."""
+    for name in ("steps", "log_every", "ckpt_every"):
+        _check_count(getattr(settings, name), name)
+    _check_number(settings.time_budget, "time_budget", low=0, low_allowed=False, optional=True)
+    _check_number(settings.lr, "lr", low=0, low_allowed=False)
+    _check_number(settings.weight_decay, "weight_decay", low=0, low_allowed=True)
+    _check_number(settings.grad_clip, "grad_clip", low=0, low_allowed=False, optional=True)
+    if not (_is_int(settings.seed) and 0 <= settings.seed < SEED_LIMIT):
+        raise ValueError(f"seed must be an integer in [0, 2**63), got {settings.seed!r}")
+    if settings.lr_schedule not in LR_SCHEDULES:
+        raise ValueError(f"lr_schedule must be one of {LR_SCHEDULES}, got {settings.lr_schedule!r}")
+    if settings.resume and settings.overwrite:
+        raise ValueError("resume and overwrite exclude each other: continue the run or replace it")
     check_decay(settings.ema_decay, "ema_decay")
     try:
         torch.device(settings.device)
@@ -277,8 +365,11 @@ def _train(task: Task, settings: TrainSettings, group: ProcessGroup, device) -> 
     dtype = DTYPES[settings.dtype]
     config = {"task": task.name, **task.config(), "dtype": settings.dtype}
     _check_batch_size(getattr(task, "batch_size", None), group)
-    if group.is_main:  # only rank 0 writes
-        out.mkdir(parents=True, exist_ok=True)
+    if settings.resume and not ckpt_path.exists():
+        raise FileNotFoundError(f"--resume: no checkpoint at {ckpt_path}")
+    # Only rank 0 looks and writes; every rank raises what it found (a run there, a folder that
+    # cannot be written), so no rank waits on another.
+    group.run_on_main(lambda: _prepare_output(out, settings), "preparing the output folder")
 
     torch.manual_seed(settings.seed)
     model = task.build_model().to(device=device, dtype=dtype)
@@ -290,21 +381,22 @@ def _train(task: Task, settings: TrainSettings, group: ProcessGroup, device) -> 
     data_gen = torch.Generator().manual_seed(settings.seed + 1)
     ema = None  # created after the first step, once data-dependent layers are initialised
     state = _RunState()
+    saved_step = None  # the step the checkpoint on disk holds (None: none of this run)
 
     if settings.resume:
-        if not ckpt_path.exists():
-            raise FileNotFoundError(f"--resume: no checkpoint at {ckpt_path}")
         # A checkpoint of another model or data is refused with every difference listed.
         # Checkpoints of float32 runs before the --dtype option did not record it.
         ckpt = load_checkpoint(
             ckpt_path, expected={"config": config}, assumed={"config": {"dtype": "float32"}}
         )
+        _check_resumable(ckpt, ckpt_path)
         load_module_state(model, ckpt["model"])
-        optimizer.load_state_dict(ckpt["optimizer"])
+        _load_optimizer_state(optimizer, ckpt["optimizer"], ckpt_path)
         if ckpt.get("ema") is not None and group.is_main:
             ema = EMA(model, settings.ema_decay)
             load_module_state(ema, ckpt["ema"], what="EMA")
-        state = _RunState(ckpt["step"], ckpt["seconds"], list(ckpt.get("history", [])))
+        state = _RunState(ckpt["step"], float(ckpt["seconds"]), list(ckpt.get("history") or []))
+        saved_step = state.step
         if group.is_main:
             _warn_about_resumed_schedule(ckpt.get("schedule"), settings, state.step)
         _restore_rng(ckpt, group, settings.seed, state.step, data_gen)
@@ -323,10 +415,29 @@ def _train(task: Task, settings: TrainSettings, group: ProcessGroup, device) -> 
     def loss_of(batch):
         return task.loss(model, batch) if wrapped is None else wrapped(batch)
 
+    def kept() -> str:
+        if saved_step is None:
+            return "no checkpoint was written yet"
+        return f"the last good checkpoint ({ckpt_path}, step {saved_step}) is kept"
+
+    def _stopped(what: str) -> NonFiniteLossError:
+        return NonFiniteLossError(f"{what}; stopped, {kept()}; lower --lr or add --grad-clip")
+
+    def write_failed(path, reason: str) -> OutputWriteError:
+        return OutputWriteError(
+            f"cannot write {path}: {reason}; stopped at step {state.step}, {kept()}"
+        )
+
     def save():
+        nonlocal saved_step
         rng = group.gather(capture_rng_state({"data": data_gen}))  # every rank's
 
         def write():
+            blown = _blown_up(model.state_dict(), "parameter")
+            if blown is None and ema is not None:
+                blown = _blown_up(ema.state_dict(), "EMA weight")
+            if blown is not None:  # never written over the last good checkpoint
+                raise _stopped(f"the weights blew up at step {state.step}: {blown}")
             payload = {
                 "config": config,
                 "model": model.state_dict(),
@@ -341,21 +452,27 @@ def _train(task: Task, settings: TrainSettings, group: ProcessGroup, device) -> 
             }
             if group.distributed:
                 payload["rng_per_rank"] = rng
-            # NaN weights never replace the last good checkpoint
-            save_checkpoint(ckpt_path, payload, require_finite=True)
+            try:
+                # NaN weights never replace the last good checkpoint
+                save_checkpoint(ckpt_path, payload, require_finite=True)
+            except NonFiniteStateError as err:
+                raise _stopped(f"{err.where} holds NaN or Inf at step {state.step}") from err
+            except CheckpointWriteError as err:
+                raise write_failed(err.path, err.reason) from err
 
         group.run_on_main(write, "writing the checkpoint")
-
-    def _stopped(what: str) -> NonFiniteLossError:
-        kept = ckpt_path if ckpt_path.exists() else "none yet"
-        return NonFiniteLossError(
-            f"{what}; stopping. The last good checkpoint ({kept}) is kept; lower --lr or add "
-            "--grad-clip"
-        )
+        saved_step = state.step
 
     resume_step = state.step if settings.resume else None
-    log = _Log(out, settings, resume_step) if group.is_main else None
+    log = None
+
+    def open_log():
+        nonlocal log
+        log = _Log(out, settings, resume_step)
+
+    group.run_on_main(open_log, "opening log.csv")
     bar = _progress(settings, state.step) if group.is_main else None
+    log_error = None  # rank 0's failed log write: every rank stops at the next reduction
     try:
         while state.step < settings.steps:
             # rank 0's clock decides for all: the stop, and the progress the schedule follows
@@ -370,27 +487,39 @@ def _train(task: Task, settings: TrainSettings, group: ProcessGroup, device) -> 
             batch = placed(_shard(task.sample_batch(data_gen), group))
             try:
                 loss, metrics = loss_of(batch)
-            except NonFiniteError as err:
+            except Exception as err:
                 # Weights blown up far enough that a layer's output is Inf stop a flow layer
-                # before the loss: the same failure as a non-finite loss, reported alike. (A
-                # multi-process run lets it propagate: the other ranks cannot be told.)
-                if group.distributed:
+                # before the loss, or fail its checks (contractivity): the same failure as a
+                # non-finite loss, reported alike. (In a multi-process run only this rank
+                # knows: the others stop when its process group goes.)
+                failure = _model_failure(err, model, state.step + 1, group)
+                if failure is None:
                     raise
-                raise _stopped(
-                    f"the model met NaN or Inf at step {state.step + 1} ({err})"
-                ) from err
-            loss_value, metrics, bad_ranks = _reduce_step(loss, metrics, group)
+                raise _stopped(failure) from err
+            loss_value, metrics, bad_ranks, stop = _reduce_step(
+                loss, metrics, group, stop=log_error is not None
+            )
+            if stop:
+                raise log_error or OutputWriteError(
+                    "rank 0 could not write log.csv (its error is in rank 0's output)"
+                )
             if bad_ranks:
                 where = ""
                 if group.distributed:
                     where = f" (non-finite on rank {', '.join(map(str, bad_ranks))} of "
                     where += f"{group.world_size})"
                 raise _stopped(f"the loss is {loss_value:g} at step {state.step + 1}{where}")
-            optimizer.zero_grad(set_to_none=True)
-            loss.backward()
-            if settings.grad_clip is not None:
-                nn.utils.clip_grad_norm_(model.parameters(), settings.grad_clip)
-            optimizer.step()
+            try:
+                optimizer.zero_grad(set_to_none=True)
+                loss.backward()
+                if settings.grad_clip is not None:
+                    nn.utils.clip_grad_norm_(model.parameters(), settings.grad_clip)
+                optimizer.step()
+            except Exception as err:
+                failure = _model_failure(err, model, state.step + 1, group)
+                if failure is None:
+                    raise
+                raise _stopped(failure) from err
             if group.is_main:  # only rank 0 evaluates and saves the EMA weights
                 if ema is None:
                     ema = EMA(model, settings.ema_decay)
@@ -406,8 +535,13 @@ def _train(task: Task, settings: TrainSettings, group: ProcessGroup, device) -> 
             }
             if state.step % settings.log_every == 0 or state.step == 1:
                 state.history.append(row)
-                if log is not None:
-                    log.write(row)
+                if log is not None and log_error is None:
+                    try:
+                        log.write(row)
+                    except OSError as err:
+                        log_error = write_failed(log.path, os_reason(err))
+                        if not group.distributed:
+                            raise log_error from err
                 if bar is not None:
                     bar.set_postfix({k: _short(v) for k, v in row.items() if k != "step"})
             if bar is not None:
@@ -419,7 +553,12 @@ def _train(task: Task, settings: TrainSettings, group: ProcessGroup, device) -> 
         if bar is not None:
             bar.close()
         if log is not None:
-            log.close()
+            with contextlib.suppress(OSError):  # rows were flushed; keep the first error
+                log.close()
+    if group.from_main(log_error is not None):  # a failed write of the last rows
+        raise log_error or OutputWriteError(
+            "rank 0 could not write log.csv (its error is in rank 0's output)"
+        )
     save()
 
     def evaluate():
@@ -432,14 +571,221 @@ def _train(task: Task, settings: TrainSettings, group: ProcessGroup, device) -> 
             "world_size": group.world_size,
             **task.evaluate(eval_model),
         }
-        metrics["figures"] = [str(p) for p in task.figures(eval_model, out)]
+        try:
+            metrics["figures"] = [str(p) for p in task.figures(eval_model, out)]
+        except OSError as err:
+            raise finished_but(err.filename or f"a figure in {out}", err) from err
         metrics["settings"] = {
             k: (str(v) if isinstance(v, Path) else v) for k, v in asdict(settings).items()
         }
-        (out / "metrics.json").write_text(json.dumps(metrics, indent=2) + "\n")
+        try:
+            _write_text_atomically(out / "metrics.json", json.dumps(metrics, indent=2) + "\n")
+        except OSError as err:
+            raise finished_but(out / "metrics.json", err) from err
         return metrics
 
+    def finished_but(path, err: OSError) -> OutputWriteError:
+        return OutputWriteError(
+            f"cannot write {path}: {os_reason(err)}; the training finished at step "
+            f"{state.step}, which {ckpt_path} holds"
+        )
+
     return group.run_on_main(evaluate, "the final evaluation")
+
+
+def _prepare_output(out: Path, settings: TrainSettings) -> None:
+    """Before anything else (rank 0): refuses a folder that holds a run unless the run resumes
+    or replaces it (then removes that run's files), creates the folder, makes sure files can
+    be created in it, and removes temporary checkpoint files that killed writers left."""
+    if out.exists() and not out.is_dir():
+        raise OutputFolderError(f"--out {out} is a file, not a folder")
+    if not settings.resume:
+        found = _run_files(out)
+        if found and not settings.overwrite:
+            raise ExistingRunError(
+                f"{out} already holds a run ({', '.join(found)}): pass --resume to continue it "
+                "or --overwrite to replace it"
+            )
+        if found:
+            _remove_run(out)
+    try:
+        out.mkdir(parents=True, exist_ok=True)
+    except OSError as err:
+        raise OutputFolderError(
+            f"cannot create the output folder {out}: {os_reason(err)}; choose another --out"
+        ) from err
+    try:
+        _probe_writable(out)
+    except OSError as err:
+        raise OutputFolderError(
+            f"cannot create files in the output folder {out}: {os_reason(err)}; nothing was "
+            "trained (choose another --out or make it writable)"
+        ) from err
+    remove_stale_temporaries(out / CHECKPOINT_NAME)
+
+
+def _run_files(out: Path) -> list[str]:
+    """What of an earlier run ``out`` holds: its checkpoint, log.csv, metrics.json, TensorBoard
+    event files. Other files (a README, data) do not make it a run's folder."""
+    if not out.is_dir():
+        return []
+    found = [name for name in RUN_FILES if os.path.lexists(out / name)]
+    if any((out / "tensorboard").glob("events.out.tfevents.*")):
+        found.append("tensorboard/")
+    return found
+
+
+def _figures_of(out: Path) -> list[Path]:
+    """The figures an earlier run's metrics.json lists, by name inside ``out`` only."""
+    try:
+        listed = json.loads((out / "metrics.json").read_text()).get("figures", [])
+        names = {Path(str(p)).name for p in listed}
+    except (OSError, ValueError, AttributeError, TypeError):
+        return []
+    return [out / n for n in sorted(names) if n.endswith(_FIGURE_SUFFIXES) and n not in RUN_FILES]
+
+
+def _remove_run(out: Path) -> None:
+    """--overwrite: removes an earlier run's files (never a folder, nor any other file), the
+    checkpoint last: a failure on the way keeps it."""
+    doomed = [out / "metrics.json", *_figures_of(out)]
+    doomed += sorted((out / "tensorboard").glob("events.out.tfevents.*"))
+    doomed += [out / "log.csv", out / "log.csv.partial", out / CHECKPOINT_NAME]
+    for path in doomed:
+        try:
+            path.unlink()
+        except FileNotFoundError:
+            pass
+        except OSError as err:
+            raise OutputFolderError(
+                f"--overwrite: cannot remove {path}: {os_reason(err)}; nothing was trained"
+            ) from err
+    remove_stale_temporaries(out / CHECKPOINT_NAME)
+
+
+def _probe_writable(out: Path) -> None:
+    """Creates and removes an empty file named like a checkpoint writer's temporary (so that
+    one left by a kill is cleaned up as such)."""
+    fd, name = tempfile.mkstemp(dir=out, prefix=f".{CHECKPOINT_NAME}.{os.getpid()}.", suffix=".tmp")
+    os.close(fd)
+    os.unlink(name)
+
+
+def _write_text_atomically(path: Path, text: str) -> None:
+    """A full disk leaves the previous file or none, never half of one."""
+    partial = path.with_name(path.name + ".partial")
+    try:
+        partial.write_text(text)
+        os.replace(partial, path)
+    except BaseException:
+        with contextlib.suppress(OSError):
+            partial.unlink()
+        raise
+
+
+# ---------------------------------------------------------------------------------------------
+# Checkpoint fields and blown-up weights
+
+
+def _is_mapping(value) -> bool:
+    return isinstance(value, Mapping)
+
+
+def _is_list_of_mappings(value) -> bool:
+    return isinstance(value, list) and all(map(_is_mapping, value))
+
+
+# (field, check, what it must be, required): a hand-edited or foreign checkpoint is refused
+# with the field named, instead of a TypeError or KeyError traceback, or a resumed step -5.
+_RESUME_FIELDS = (
+    ("model", _is_mapping, "a mapping of tensors", True),
+    ("optimizer", _is_mapping, "an optimizer state (a mapping)", True),
+    ("rng", _is_mapping, "a random state (a mapping)", True),
+    ("step", lambda v: _is_int(v) and v >= 0, "an integer >= 0", True),
+    ("seconds", lambda v: _is_number(v) and math.isfinite(v) and v >= 0, "a number >= 0", True),
+    ("ema", lambda v: v is None or _is_mapping(v), "None or a mapping of tensors", False),
+    ("history", _is_list_of_mappings, "a list of rows (mappings)", False),
+    ("world_size", lambda v: _is_int(v) and v >= 1, "an integer >= 1", False),
+    ("rng_per_rank", _is_list_of_mappings, "a list of random states", False),
+    ("schedule", lambda v: v is None or _is_mapping(v), "None or a mapping", False),
+)
+
+
+def _check_resumable(ckpt: dict, path: Path) -> None:
+    """Raises CheckpointError naming the first field a resumed run cannot use."""
+    for name, valid, what, required in _RESUME_FIELDS:
+        if name not in ckpt:
+            if required:
+                raise CheckpointError(f"checkpoint {path} has no {name!r} entry")
+            continue
+        if not valid(ckpt[name]):
+            shown = repr(ckpt[name])
+            shown = shown if len(shown) <= 60 else shown[:57] + "..."
+            raise CheckpointError(
+                f"checkpoint {path}: {name!r} must be {what}, got {type(ckpt[name]).__name__} "
+                f"{shown}"
+            )
+
+
+def _load_optimizer_state(optimizer, saved: Mapping, path: Path) -> None:
+    """``optimizer.load_state_dict`` with its errors, and state tensors shaped unlike their
+    parameters (which would fail only at the first step), as CheckpointError."""
+    try:
+        optimizer.load_state_dict(saved)
+    except (KeyError, TypeError, ValueError, RuntimeError, AttributeError) as err:
+        raise CheckpointError(
+            f"checkpoint {path}: its 'optimizer' state does not fit this run's optimizer "
+            f"({type(err).__name__}: {err})"
+        ) from err
+    for group in optimizer.param_groups:
+        for key, value in group.items():
+            if key != "params" and _is_number(value) and not math.isfinite(value):
+                raise CheckpointError(f"checkpoint {path}: optimizer setting {key!r} is {value}")
+    for param, entries in optimizer.state.items():
+        for key, value in entries.items():
+            if isinstance(value, torch.Tensor) and value.dim() and value.shape != param.shape:
+                raise CheckpointError(
+                    f"checkpoint {path}: optimizer state {key!r} has shape {tuple(value.shape)} "
+                    f"for a parameter of shape {tuple(param.shape)}"
+                )
+
+
+def _blown_up(tensors: Mapping, what: str, *, overflow: bool = True) -> str | None:
+    """Where weights have blown up: a NaN or Inf, or (``overflow``) a tensor whose squared norm
+    overflows its dtype, so that the norms and power iterations of spectral normalisation
+    overflow and the blocks' checks fail with misleading messages (not contractive)."""
+    for name, t in tensors.items():
+        if not (isinstance(t, torch.Tensor) and t.is_floating_point() and t.numel()):
+            continue
+        t = t.detach()
+        if not bool(torch.isfinite(t).all()):
+            return f"{what} {name} holds NaN or Inf"
+        if overflow and float(t.double().square().sum()) > torch.finfo(t.dtype).max:
+            kind = str(t.dtype).replace("torch.", "")
+            return (
+                f"{what} {name} has grown to {float(t.abs().max()):.3g}, so its squared norm "
+                f"overflows {kind}"
+            )
+    return None
+
+
+def _model_failure(err: Exception, model: nn.Module, step: int, group) -> str | None:
+    """What to report when training step ``step`` raised ``err``: the model met NaN or Inf, or
+    its weights blew up; None for any other error (it propagates as it is)."""
+    rank = f" on rank {group.rank} of {group.world_size}" if group.distributed else ""
+    if isinstance(err, NonFiniteError) or "NaN or Inf" in str(err):
+        return f"the model met NaN or Inf at step {step}{rank} ({err})"
+    grads = {n: p.grad for n, p in model.named_parameters() if p.grad is not None}
+    blown = _blown_up(model.state_dict(), "parameter") or _blown_up(
+        grads, "the gradient of", overflow=False
+    )
+    if blown is None:
+        return None
+    first_line = (str(err).strip().splitlines() or [""])[0]
+    return (
+        f"the weights blew up at step {step}{rank}: {blown}, and the step failed "
+        f"({type(err).__name__}: {first_line})"
+    )
 
 
 class _LossOf(nn.Module):
@@ -472,27 +818,30 @@ def _shard(batch: torch.Tensor, group: ProcessGroup) -> torch.Tensor:
     return batch.narrow(0, group.rank * size, size)
 
 
-def _reduce_step(loss: torch.Tensor, metrics: dict, group: ProcessGroup):
-    """``(loss, metrics, ranks with a non-finite loss)`` with the loss and numeric metrics
-    averaged over ranks (equal shards: the global-batch means), in one collective."""
+def _reduce_step(loss: torch.Tensor, metrics: dict, group: ProcessGroup, stop: bool = False):
+    """``(loss, metrics, ranks with a non-finite loss, whether a rank asked to stop)`` with the
+    loss and numeric metrics averaged over ranks (equal shards: the global-batch means), in one
+    collective. ``stop``: this rank cannot go on (rank 0 could not write its log)."""
     value = float(loss.detach())
     if not group.distributed:
-        return value, metrics, ([] if math.isfinite(value) else [0])
+        return value, metrics, ([] if math.isfinite(value) else [0]), stop
     numeric = [
         k for k, v in metrics.items() if isinstance(v, (int, float)) and not isinstance(v, bool)
     ]
-    packed = torch.zeros(group.world_size + 1 + len(numeric), dtype=torch.float64)
+    n = group.world_size
+    packed = torch.zeros(n + 2 + len(numeric), dtype=torch.float64)
     packed[group.rank] = 0.0 if math.isfinite(value) else 1.0
-    packed[group.world_size] = value
+    packed[n] = float(stop)
+    packed[n + 1] = value
     for i, k in enumerate(numeric):
-        packed[group.world_size + 1 + i] = float(metrics[k])
+        packed[n + 2 + i] = float(metrics[k])
     total = group.sum(packed)
-    bad = [r for r in range(group.world_size) if total[r] > 0]
-    means = (total[group.world_size :] / group.world_size).tolist()
+    bad = [r for r in range(n) if total[r] > 0]
+    means = (total[n + 1 :] / n).tolist()
     averaged = dict(metrics)
     for k, v in zip(numeric, means[1:]):
         averaged[k] = v
-    return means[0], averaged, bad
+    return means[0], averaged, bad, bool(total[n] > 0)
 
 
 def _restore_rng(ckpt: dict, group: ProcessGroup, seed: int, step: int, data_gen) -> None:
@@ -575,9 +924,14 @@ def _drop_rows_after(path: Path, step: int) -> None:
     if len(kept) == len(rows):
         return
     partial = path.with_name(path.name + ".partial")
-    with open(partial, "w", newline="") as f:
-        csv.writer(f).writerows(kept)
-    os.replace(partial, path)
+    try:
+        with open(partial, "w", newline="") as f:
+            csv.writer(f).writerows(kept)
+        os.replace(partial, path)
+    except BaseException:
+        with contextlib.suppress(OSError):
+            partial.unlink()
+        raise
 
 
 class _Log:
@@ -585,13 +939,24 @@ class _Log:
 
     def __init__(self, out: Path, settings: TrainSettings, resume_step: int | None):
         self.path = out / "log.csv"
-        if resume_step is not None and self.path.exists():
-            _drop_rows_after(self.path, resume_step)
-        self.file = open(self.path, "a" if resume_step is not None else "w", newline="")
         self.writer = None
         self.tb = None
+        try:
+            if resume_step is not None and self.path.exists():
+                _drop_rows_after(self.path, resume_step)
+            self.file = open(self.path, "a" if resume_step is not None else "w", newline="")
+        except OSError as err:
+            raise OutputFolderError(
+                f"cannot write {self.path}: {os_reason(err)}; nothing was trained"
+            ) from err
         if settings.tensorboard:
-            self.tb = _summary_writer_class()(str(out / "tensorboard"))
+            try:
+                self.tb = _summary_writer_class()(str(out / "tensorboard"))
+            except OSError as err:
+                self.file.close()
+                raise OutputFolderError(
+                    f"cannot write {out / 'tensorboard'}: {os_reason(err)}; nothing was trained"
+                ) from err
 
     def write(self, row: dict) -> None:
         if self.writer is None:
