@@ -14,9 +14,12 @@ import torch
 
 import impflow.train.checkpoint as checkpoint_module
 import impflow.train.loop as loop
+import impflow.train.output_folder as output_folder
 from impflow.train.checkpoint import load_checkpoint
 from impflow.train.cli import main
 from impflow.train.distributed import ProcessGroup
+from impflow.train.output_folder import prepare_output
+from impflow.train.run_log import RunLog
 from impflow.train.loop import (
     ExistingRunError,
     OutputFolderError,
@@ -87,7 +90,7 @@ def test_what_counts_as_a_run(tmp_path):
     unrelated.mkdir()
     (unrelated / "notes.txt").write_text("mine")
     for out in (tmp_path / "new", empty, unrelated):  # new, empty or unrelated: used as is
-        loop._prepare_output(out, settings(out))
+        prepare_output(out, resume=False, overwrite=False)
         assert out.is_dir()
     assert _snapshot(unrelated) == {"notes.txt": b"mine"}
     log_only.mkdir()
@@ -157,7 +160,7 @@ def test_under_torchrun_rank_0_alone_decides_and_every_rank_raises(tmp_path, mon
     # folder itself (it may see it half-written by rank 0) or waiting for a collective.
     refusal = ExistingRunError(f"{out} already holds a run")
     group = _Rank1(refusal)
-    monkeypatch.setattr(loop, "_run_files", lambda out: pytest.fail("rank 1 looked"))
+    monkeypatch.setattr(output_folder, "run_files", lambda out: pytest.fail("rank 1 looked"))
     with pytest.raises(ExistingRunError, match="already holds a run"):
         loop._train(QuickToy(), settings(out, steps=1), group, torch.device("cpu"))
     assert group.asked == ["preparing the output folder"]
@@ -216,11 +219,11 @@ def test_full_disk_while_logging_or_writing_metrics(tmp_path, monkeypatch):
         raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
 
     with monkeypatch.context() as patch:
-        patch.setattr(loop._Log, "write", full)
+        patch.setattr(RunLog, "write", full)
         with pytest.raises(OutputWriteError, match=r"log.csv: No space left on device \(ENOSPC\)"):
             train(QuickToy(), settings(tmp_path / "log", steps=3))
     with monkeypatch.context() as patch:
-        patch.setattr(loop, "_write_text_atomically", lambda path, text: full(path))
+        patch.setattr(loop, "write_atomically", lambda path, write: full(path))
         with pytest.raises(
             OutputWriteError,
             match=r"metrics.json: No space left on device \(ENOSPC\); the training finished at "
@@ -236,7 +239,7 @@ def test_an_unwritable_folder_is_refused_before_training(tmp_path, monkeypatch, 
         raise PermissionError(errno.EACCES, os.strerror(errno.EACCES))
 
     out = tmp_path / "run"
-    monkeypatch.setattr(loop.tempfile, "mkstemp", refused)
+    monkeypatch.setattr(output_folder.tempfile, "mkstemp", refused)
     assert main([*TOY, "--out", str(out)]) == 2
     err = capsys.readouterr().err
     assert err == (

@@ -44,16 +44,11 @@ the reason and the step the checkpoint keeps.
 from __future__ import annotations
 
 import contextlib
-import csv
 import gc
 import json
 import math
-import numbers
-import os
-import tempfile
 import time
 import warnings
-from collections.abc import Mapping
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
@@ -62,21 +57,30 @@ from torch import nn
 from torch.nn.parallel import DistributedDataParallel
 
 from impflow._warnings import caller_stacklevel
-from impflow.nn._flow_common import NonFiniteError
+from impflow.train.blowup import blown_up, model_failure
 from impflow.train.checkpoint import (
-    CheckpointError,
     CheckpointWriteError,
     NonFiniteStateError,
     capture_rng_state,
     load_checkpoint,
     load_module_state,
     os_reason,
-    remove_stale_temporaries,
     restore_rng_state,
     save_checkpoint,
 )
 from impflow.train.distributed import ProcessGroup, rank_seed, setup_process_group
 from impflow.train.ema import EMA, check_decay
+from impflow.train.output_folder import (
+    CHECKPOINT_NAME,
+    ExistingRunError,
+    OutputFolderError,
+    OutputWriteError,
+    prepare_output,
+    write_atomically,
+)
+from impflow.train.resume_checks import check_resumable, load_optimizer_state
+from impflow.train.run_log import RunLog, summary_writer_class
+from impflow.train.settings_checks import check_count, check_number, is_int
 
 __all__ = [
     "ExistingRunError",
@@ -89,10 +93,6 @@ __all__ = [
     "train",
 ]
 
-CHECKPOINT_NAME = "checkpoint.pt"
-# The files that make a folder hold a run (TensorBoard's event files too, see _run_files).
-RUN_FILES = (CHECKPOINT_NAME, "log.csv", "metrics.json")
-_FIGURE_SUFFIXES = (".png", ".pdf", ".svg", ".jpg")
 DTYPES = {"float32": torch.float32, "float64": torch.float64}
 
 
@@ -160,21 +160,6 @@ def _warn_about_resumed_schedule(saved: dict | None, settings, step: int) -> Non
 class NonFiniteLossError(RuntimeError):
     """The loss, the weights or a value inside the model became NaN or Inf (or the weights so
     large that their norms overflow); the run stopped and the last good checkpoint is kept."""
-
-
-class ExistingRunError(RuntimeError):
-    """The output folder holds a run already, and neither resume nor overwrite was asked for
-    (nothing was touched)."""
-
-
-class OutputFolderError(RuntimeError):
-    """The output folder cannot be created or written, found before training started."""
-
-
-class OutputWriteError(RuntimeError):
-    """A file of the run (checkpoint, log, metrics, figure) could not be written during or
-    after training: the message names it, the operating system's reason and the step the
-    checkpoint keeps."""
 
 
 @dataclass
@@ -277,29 +262,6 @@ def _adam(params, **options) -> torch.optim.Adam:
         return torch.optim.Adam(params, **options)
 
 
-def _is_int(value) -> bool:
-    return isinstance(value, numbers.Integral) and not isinstance(value, bool)
-
-
-def _is_number(value) -> bool:
-    return isinstance(value, numbers.Real) and not isinstance(value, bool)
-
-
-def _check_number(value, name: str, *, low: float, low_allowed: bool, optional=False) -> None:
-    """A finite number above ``low`` (or equal to it where allowed); None where optional."""
-    if optional and value is None:
-        return
-    finite = _is_number(value) and math.isfinite(value)  # first: no comparison of a str
-    if not (finite and (value > low or (low_allowed and value == low))):
-        bound = f"{'>=' if low_allowed else '>'} {low:g}"
-        raise ValueError(f"{name} must be a finite number {bound}, got {value!r}")
-
-
-def _check_count(value, name: str) -> None:
-    if not (_is_int(value) and value >= 1):
-        raise ValueError(f"{name} must be an integer >= 1, got {value!r}")
-
-
 SEED_LIMIT = 2**63  # seeds are in [0, 2**63): torch's generators take seed + 1 and per-rank seeds
 
 
@@ -308,12 +270,12 @@ def check_settings(settings: TrainSettings) -> None:
     otherwise fail only once the run has started: after its folder, the model and the first
     step."""
     for name in ("steps", "log_every", "ckpt_every"):
-        _check_count(getattr(settings, name), name)
-    _check_number(settings.time_budget, "time_budget", low=0, low_allowed=False, optional=True)
-    _check_number(settings.lr, "lr", low=0, low_allowed=False)
-    _check_number(settings.weight_decay, "weight_decay", low=0, low_allowed=True)
-    _check_number(settings.grad_clip, "grad_clip", low=0, low_allowed=False, optional=True)
-    if not (_is_int(settings.seed) and 0 <= settings.seed < SEED_LIMIT):
+        check_count(getattr(settings, name), name)
+    check_number(settings.time_budget, "time_budget", low=0, low_allowed=False, optional=True)
+    check_number(settings.lr, "lr", low=0, low_allowed=False)
+    check_number(settings.weight_decay, "weight_decay", low=0, low_allowed=True)
+    check_number(settings.grad_clip, "grad_clip", low=0, low_allowed=False, optional=True)
+    if not (is_int(settings.seed) and 0 <= settings.seed < SEED_LIMIT):
         raise ValueError(f"seed must be an integer in [0, 2**63), got {settings.seed!r}")
     if settings.lr_schedule not in LR_SCHEDULES:
         raise ValueError(f"lr_schedule must be one of {LR_SCHEDULES}, got {settings.lr_schedule!r}")
@@ -329,17 +291,7 @@ def check_settings(settings: TrainSettings) -> None:
     if settings.dtype not in DTYPES:
         raise ValueError(f"dtype must be one of {sorted(DTYPES)}, got {settings.dtype!r}")
     if settings.tensorboard:
-        _summary_writer_class()
-
-
-def _summary_writer_class():
-    try:
-        from torch.utils.tensorboard import SummaryWriter
-    except ImportError as err:
-        raise ImportError(
-            "--tensorboard needs the tensorboard package: pip install tensorboard"
-        ) from err
-    return SummaryWriter
+        summary_writer_class()
 
 
 def train(task: Task, settings: TrainSettings) -> dict:
@@ -369,7 +321,10 @@ def _train(task: Task, settings: TrainSettings, group: ProcessGroup, device) -> 
         raise FileNotFoundError(f"--resume: no checkpoint at {ckpt_path}")
     # Only rank 0 looks and writes; every rank raises what it found (a run there, a folder that
     # cannot be written), so no rank waits on another.
-    group.run_on_main(lambda: _prepare_output(out, settings), "preparing the output folder")
+    group.run_on_main(
+        lambda: prepare_output(out, resume=settings.resume, overwrite=settings.overwrite),
+        "preparing the output folder",
+    )
 
     torch.manual_seed(settings.seed)
     model = task.build_model().to(device=device, dtype=dtype)
@@ -389,9 +344,9 @@ def _train(task: Task, settings: TrainSettings, group: ProcessGroup, device) -> 
         ckpt = load_checkpoint(
             ckpt_path, expected={"config": config}, assumed={"config": {"dtype": "float32"}}
         )
-        _check_resumable(ckpt, ckpt_path)
+        check_resumable(ckpt, ckpt_path)
         load_module_state(model, ckpt["model"])
-        _load_optimizer_state(optimizer, ckpt["optimizer"], ckpt_path)
+        load_optimizer_state(optimizer, ckpt["optimizer"], ckpt_path)
         if ckpt.get("ema") is not None and group.is_main:
             ema = EMA(model, settings.ema_decay)
             load_module_state(ema, ckpt["ema"], what="EMA")
@@ -433,9 +388,9 @@ def _train(task: Task, settings: TrainSettings, group: ProcessGroup, device) -> 
         rng = group.gather(capture_rng_state({"data": data_gen}))  # every rank's
 
         def write():
-            blown = _blown_up(model.state_dict(), "parameter")
+            blown = blown_up(model.state_dict(), "parameter")
             if blown is None and ema is not None:
-                blown = _blown_up(ema.state_dict(), "EMA weight")
+                blown = blown_up(ema.state_dict(), "EMA weight")
             if blown is not None:  # never written over the last good checkpoint
                 raise _stopped(f"the weights blew up at step {state.step}: {blown}")
             payload = {
@@ -468,7 +423,7 @@ def _train(task: Task, settings: TrainSettings, group: ProcessGroup, device) -> 
 
     def open_log():
         nonlocal log
-        log = _Log(out, settings, resume_step)
+        log = RunLog(out, tensorboard=settings.tensorboard, resume_step=resume_step)
 
     group.run_on_main(open_log, "opening log.csv")
     bar = _progress(settings, state.step) if group.is_main else None
@@ -492,7 +447,7 @@ def _train(task: Task, settings: TrainSettings, group: ProcessGroup, device) -> 
                 # before the loss, or fail its checks (contractivity): the same failure as a
                 # non-finite loss, reported alike. (In a multi-process run only this rank
                 # knows: the others stop when its process group goes.)
-                failure = _model_failure(err, model, state.step + 1, group)
+                failure = model_failure(err, model, state.step + 1, group)
                 if failure is None:
                     raise
                 raise _stopped(failure) from err
@@ -516,7 +471,7 @@ def _train(task: Task, settings: TrainSettings, group: ProcessGroup, device) -> 
                     nn.utils.clip_grad_norm_(model.parameters(), settings.grad_clip)
                 optimizer.step()
             except Exception as err:
-                failure = _model_failure(err, model, state.step + 1, group)
+                failure = model_failure(err, model, state.step + 1, group)
                 if failure is None:
                     raise
                 raise _stopped(failure) from err
@@ -579,7 +534,8 @@ def _train(task: Task, settings: TrainSettings, group: ProcessGroup, device) -> 
             k: (str(v) if isinstance(v, Path) else v) for k, v in asdict(settings).items()
         }
         try:
-            _write_text_atomically(out / "metrics.json", json.dumps(metrics, indent=2) + "\n")
+            text = json.dumps(metrics, indent=2) + "\n"
+            write_atomically(out / "metrics.json", lambda f: f.write(text))
         except OSError as err:
             raise finished_but(out / "metrics.json", err) from err
         return metrics
@@ -591,201 +547,6 @@ def _train(task: Task, settings: TrainSettings, group: ProcessGroup, device) -> 
         )
 
     return group.run_on_main(evaluate, "the final evaluation")
-
-
-def _prepare_output(out: Path, settings: TrainSettings) -> None:
-    """Before anything else (rank 0): refuses a folder that holds a run unless the run resumes
-    or replaces it (then removes that run's files), creates the folder, makes sure files can
-    be created in it, and removes temporary checkpoint files that killed writers left."""
-    if out.exists() and not out.is_dir():
-        raise OutputFolderError(f"--out {out} is a file, not a folder")
-    if not settings.resume:
-        found = _run_files(out)
-        if found and not settings.overwrite:
-            raise ExistingRunError(
-                f"{out} already holds a run ({', '.join(found)}): pass --resume to continue it "
-                "or --overwrite to replace it"
-            )
-        if found:
-            _remove_run(out)
-    try:
-        out.mkdir(parents=True, exist_ok=True)
-    except OSError as err:
-        raise OutputFolderError(
-            f"cannot create the output folder {out}: {os_reason(err)}; choose another --out"
-        ) from err
-    try:
-        _probe_writable(out)
-    except OSError as err:
-        raise OutputFolderError(
-            f"cannot create files in the output folder {out}: {os_reason(err)}; nothing was "
-            "trained (choose another --out or make it writable)"
-        ) from err
-    remove_stale_temporaries(out / CHECKPOINT_NAME)
-
-
-def _run_files(out: Path) -> list[str]:
-    """What of an earlier run ``out`` holds: its checkpoint, log.csv, metrics.json, TensorBoard
-    event files. Other files (a README, data) do not make it a run's folder."""
-    if not out.is_dir():
-        return []
-    found = [name for name in RUN_FILES if os.path.lexists(out / name)]
-    if any((out / "tensorboard").glob("events.out.tfevents.*")):
-        found.append("tensorboard/")
-    return found
-
-
-def _figures_of(out: Path) -> list[Path]:
-    """The figures an earlier run's metrics.json lists, by name inside ``out`` only."""
-    try:
-        listed = json.loads((out / "metrics.json").read_text()).get("figures", [])
-        names = {Path(str(p)).name for p in listed}
-    except (OSError, ValueError, AttributeError, TypeError):
-        return []
-    return [out / n for n in sorted(names) if n.endswith(_FIGURE_SUFFIXES) and n not in RUN_FILES]
-
-
-def _remove_run(out: Path) -> None:
-    """--overwrite: removes an earlier run's files (never a folder, nor any other file), the
-    checkpoint last: a failure on the way keeps it."""
-    doomed = [out / "metrics.json", *_figures_of(out)]
-    doomed += sorted((out / "tensorboard").glob("events.out.tfevents.*"))
-    doomed += [out / "log.csv", out / "log.csv.partial", out / CHECKPOINT_NAME]
-    for path in doomed:
-        try:
-            path.unlink()
-        except FileNotFoundError:
-            pass
-        except OSError as err:
-            raise OutputFolderError(
-                f"--overwrite: cannot remove {path}: {os_reason(err)}; nothing was trained"
-            ) from err
-    remove_stale_temporaries(out / CHECKPOINT_NAME)
-
-
-def _probe_writable(out: Path) -> None:
-    """Creates and removes an empty file named like a checkpoint writer's temporary (so that
-    one left by a kill is cleaned up as such)."""
-    fd, name = tempfile.mkstemp(dir=out, prefix=f".{CHECKPOINT_NAME}.{os.getpid()}.", suffix=".tmp")
-    os.close(fd)
-    os.unlink(name)
-
-
-def _write_text_atomically(path: Path, text: str) -> None:
-    """A full disk leaves the previous file or none, never half of one."""
-    partial = path.with_name(path.name + ".partial")
-    try:
-        partial.write_text(text)
-        os.replace(partial, path)
-    except BaseException:
-        with contextlib.suppress(OSError):
-            partial.unlink()
-        raise
-
-
-# ---------------------------------------------------------------------------------------------
-# Checkpoint fields and blown-up weights
-
-
-def _is_mapping(value) -> bool:
-    return isinstance(value, Mapping)
-
-
-def _is_list_of_mappings(value) -> bool:
-    return isinstance(value, list) and all(map(_is_mapping, value))
-
-
-# (field, check, what it must be, required): a hand-edited or foreign checkpoint is refused
-# with the field named, instead of a TypeError or KeyError traceback, or a resumed step -5.
-_RESUME_FIELDS = (
-    ("model", _is_mapping, "a mapping of tensors", True),
-    ("optimizer", _is_mapping, "an optimizer state (a mapping)", True),
-    ("rng", _is_mapping, "a random state (a mapping)", True),
-    ("step", lambda v: _is_int(v) and v >= 0, "an integer >= 0", True),
-    ("seconds", lambda v: _is_number(v) and math.isfinite(v) and v >= 0, "a number >= 0", True),
-    ("ema", lambda v: v is None or _is_mapping(v), "None or a mapping of tensors", False),
-    ("history", _is_list_of_mappings, "a list of rows (mappings)", False),
-    ("world_size", lambda v: _is_int(v) and v >= 1, "an integer >= 1", False),
-    ("rng_per_rank", _is_list_of_mappings, "a list of random states", False),
-    ("schedule", lambda v: v is None or _is_mapping(v), "None or a mapping", False),
-)
-
-
-def _check_resumable(ckpt: dict, path: Path) -> None:
-    """Raises CheckpointError naming the first field a resumed run cannot use."""
-    for name, valid, what, required in _RESUME_FIELDS:
-        if name not in ckpt:
-            if required:
-                raise CheckpointError(f"checkpoint {path} has no {name!r} entry")
-            continue
-        if not valid(ckpt[name]):
-            shown = repr(ckpt[name])
-            shown = shown if len(shown) <= 60 else shown[:57] + "..."
-            raise CheckpointError(
-                f"checkpoint {path}: {name!r} must be {what}, got {type(ckpt[name]).__name__} "
-                f"{shown}"
-            )
-
-
-def _load_optimizer_state(optimizer, saved: Mapping, path: Path) -> None:
-    """``optimizer.load_state_dict`` with its errors, and state tensors shaped unlike their
-    parameters (which would fail only at the first step), as CheckpointError."""
-    try:
-        optimizer.load_state_dict(saved)
-    except (KeyError, TypeError, ValueError, RuntimeError, AttributeError) as err:
-        raise CheckpointError(
-            f"checkpoint {path}: its 'optimizer' state does not fit this run's optimizer "
-            f"({type(err).__name__}: {err})"
-        ) from err
-    for group in optimizer.param_groups:
-        for key, value in group.items():
-            if key != "params" and _is_number(value) and not math.isfinite(value):
-                raise CheckpointError(f"checkpoint {path}: optimizer setting {key!r} is {value}")
-    for param, entries in optimizer.state.items():
-        for key, value in entries.items():
-            if isinstance(value, torch.Tensor) and value.dim() and value.shape != param.shape:
-                raise CheckpointError(
-                    f"checkpoint {path}: optimizer state {key!r} has shape {tuple(value.shape)} "
-                    f"for a parameter of shape {tuple(param.shape)}"
-                )
-
-
-def _blown_up(tensors: Mapping, what: str, *, overflow: bool = True) -> str | None:
-    """Where weights have blown up: a NaN or Inf, or (``overflow``) a tensor whose squared norm
-    overflows its dtype, so that the norms and power iterations of spectral normalisation
-    overflow and the blocks' checks fail with misleading messages (not contractive)."""
-    for name, t in tensors.items():
-        if not (isinstance(t, torch.Tensor) and t.is_floating_point() and t.numel()):
-            continue
-        t = t.detach()
-        if not bool(torch.isfinite(t).all()):
-            return f"{what} {name} holds NaN or Inf"
-        if overflow and float(t.double().square().sum()) > torch.finfo(t.dtype).max:
-            kind = str(t.dtype).replace("torch.", "")
-            return (
-                f"{what} {name} has grown to {float(t.abs().max()):.3g}, so its squared norm "
-                f"overflows {kind}"
-            )
-    return None
-
-
-def _model_failure(err: Exception, model: nn.Module, step: int, group) -> str | None:
-    """What to report when training step ``step`` raised ``err``: the model met NaN or Inf, or
-    its weights blew up; None for any other error (it propagates as it is)."""
-    rank = f" on rank {group.rank} of {group.world_size}" if group.distributed else ""
-    if isinstance(err, NonFiniteError) or "NaN or Inf" in str(err):
-        return f"the model met NaN or Inf at step {step}{rank} ({err})"
-    grads = {n: p.grad for n, p in model.named_parameters() if p.grad is not None}
-    blown = _blown_up(model.state_dict(), "parameter") or _blown_up(
-        grads, "the gradient of", overflow=False
-    )
-    if blown is None:
-        return None
-    first_line = (str(err).strip().splitlines() or [""])[0]
-    return (
-        f"the weights blew up at step {step}{rank}: {blown}, and the step failed "
-        f"({type(err).__name__}: {first_line})"
-    )
 
 
 class _LossOf(nn.Module):
@@ -911,66 +672,3 @@ def _progress(settings: TrainSettings, initial: int):
     except ImportError:
         return None
     return tqdm(total=settings.steps, initial=initial, dynamic_ncols=True)
-
-
-def _drop_rows_after(path: Path, step: int) -> None:
-    """Removes the rows of steps after ``step`` (logged after the last checkpoint of a run that
-    was killed: the resumed run logs them again), atomically."""
-    with open(path, newline="") as f:
-        rows = list(csv.reader(f))
-    if not rows or rows[0][:1] != ["step"]:
-        return
-    kept = [rows[0]] + [r for r in rows[1:] if r and r[0].isdigit() and int(r[0]) <= step]
-    if len(kept) == len(rows):
-        return
-    partial = path.with_name(path.name + ".partial")
-    try:
-        with open(partial, "w", newline="") as f:
-            csv.writer(f).writerows(kept)
-        os.replace(partial, path)
-    except BaseException:
-        with contextlib.suppress(OSError):
-            partial.unlink()
-        raise
-
-
-class _Log:
-    """log.csv (continued on resume), and TensorBoard scalars when asked for."""
-
-    def __init__(self, out: Path, settings: TrainSettings, resume_step: int | None):
-        self.path = out / "log.csv"
-        self.writer = None
-        self.tb = None
-        try:
-            if resume_step is not None and self.path.exists():
-                _drop_rows_after(self.path, resume_step)
-            self.file = open(self.path, "a" if resume_step is not None else "w", newline="")
-        except OSError as err:
-            raise OutputFolderError(
-                f"cannot write {self.path}: {os_reason(err)}; nothing was trained"
-            ) from err
-        if settings.tensorboard:
-            try:
-                self.tb = _summary_writer_class()(str(out / "tensorboard"))
-            except OSError as err:
-                self.file.close()
-                raise OutputFolderError(
-                    f"cannot write {out / 'tensorboard'}: {os_reason(err)}; nothing was trained"
-                ) from err
-
-    def write(self, row: dict) -> None:
-        if self.writer is None:
-            self.writer = csv.DictWriter(self.file, fieldnames=list(row), extrasaction="ignore")
-            if self.file.tell() == 0:
-                self.writer.writeheader()
-        self.writer.writerow(row)
-        self.file.flush()
-        if self.tb is not None:
-            for k, v in row.items():
-                if k != "step" and isinstance(v, (int, float)) and math.isfinite(v):
-                    self.tb.add_scalar(k, v, row["step"])
-
-    def close(self) -> None:
-        self.file.close()
-        if self.tb is not None:
-            self.tb.close()
