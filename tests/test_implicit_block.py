@@ -310,3 +310,18 @@ def test_non_contractive_g_z_is_reported_never_silent_nan():
         else:
             assert bool(torch.isfinite(z).all() and torch.isfinite(logdet).all())
     assert bool(torch.isfinite(block.last_stats.forward.residual).all())
+
+
+def test_a_nonfinite_jacobian_is_a_nonfinite_error_not_a_contractivity_one():
+    """Weights blown up to Inf made the exact log-det report "det(I + J) <= 0 ... not
+    contractive", which the training loop could not tell from a real contractivity failure."""
+    torch.manual_seed(0)
+    g_x = mlp(2)
+    block = inn.ImplicitBlock(g_x, mlp(2), logdet="exact").eval()
+    with torch.no_grad():
+        g_x[0].weight.fill_(float("inf"))
+        g_x[0]._mark_vectors_current()  # keep σ = uᵀWv from stored vectors: Inf, not NaN
+    from impflow.nn._flow_common import NonFiniteError
+
+    with pytest.raises(NonFiniteError, match="Jacobian of g_x at x contains NaN or Inf"):
+        block(torch.randn(3, 2))

@@ -205,7 +205,7 @@ class _ImplicitAdjoint(torch.autograd.Function):
                 "create_graph=True through this layer"
             )
         if not bool(torch.isfinite(grad).all()):
-            raise ValueError(
+            raise NonFiniteError(
                 f"{ctx.state.where}: the gradient reaching the solve's output contains NaN or "
                 "Inf; the adjoint system cannot be solved for it"
             )
@@ -323,9 +323,15 @@ def _exact_term(g, t: Tensor, name: str, arg: str, where: str, on_failure: str) 
         raise
     logabsdet, positive = logdet_identity_plus(jac)
     norm = spectral_norm_bound(jac)  # = ‖J‖₂ wherever that is ≥ 1, so the max is exact then
+    nonfinite = ~torch.isfinite(jac.reshape(jac.shape[0], -1)).all(1)
     bad_sign = ~positive
     bad_norm = ~(norm < 1)
-    if bool(bad_sign.any()):
+    if bool((bad_sign | nonfinite).any()):  # one check (a device sync) for both
+        if bool(nonfinite.any()):  # blown-up weights: not a question of contractivity
+            raise NonFiniteError(
+                f"{where}: the Jacobian of {name} at {arg} contains NaN or Inf (samples "
+                f"{nonfinite.nonzero().flatten()[:8].tolist()})"
+            )
         raise ValueError(
             f"{where}: det(I + J) <= 0 for {name} at {int(bad_sign.sum())} sample(s) of {arg} "
             f"(largest Jacobian norm {float(norm.max()):.4g}): {name} is not contractive, so "
