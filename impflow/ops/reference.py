@@ -154,7 +154,12 @@ def power_iteration_reference(weights, us, vs, n_iterations):
 
     Returns:
         (L,) ``sigma_l = u_l^T W_l v_l`` after the steps.
+
+    The lists must have one length, also when empty. No vector may share memory with another
+    vector or with a weight: the fused op runs the layers at once and refuses such input;
+    this reference, one layer after the other, does not look.
     """
+    check_power_iteration_lists(weights, us, vs, n_iterations)
     sigmas = []
     for W, u, v in zip(weights, us, vs):
         for _ in range(n_iterations):
@@ -164,6 +169,18 @@ def power_iteration_reference(weights, us, vs, n_iterations):
     if not sigmas:
         return torch.empty(0)
     return torch.stack(sigmas)
+
+
+def check_power_iteration_lists(weights, us, vs, n_iterations):
+    """The checks of csrc/include/impflow/power_checks.h that empty lists need too (no kernel
+    is reached without a tensor), with the same messages."""
+    if not len(us) == len(weights) == len(vs):
+        raise RuntimeError(
+            "power_iteration: weights, us and vs must have the same length, got "
+            f"{len(weights)}, {len(us)} and {len(vs)}"
+        )
+    if n_iterations < 0:
+        raise RuntimeError(f"power_iteration: n_iterations must be >= 0, got {n_iterations}")
 
 
 def _normalize(x):
