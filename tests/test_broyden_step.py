@@ -9,7 +9,7 @@ import torch
 
 from impflow.ops import broyden_step
 from impflow.ops.reference import broyden_step_reference
-from testing import DEVICES, DTYPES, REL_TOL, noncontiguous, rel_error
+from testing import DEVICES, DTYPES, HAS_CUDA, REL_TOL, noncontiguous, rel_error
 
 
 def batch_minor(t):
@@ -347,6 +347,59 @@ def test_bad_arguments(message, spoil):
     spoil(state)
     with pytest.raises(RuntimeError, match=message):
         broyden_step(*(state[k] for k in names), state["slot"], state["n_valid"])
+
+
+NAMES = ("U", "V", "dz", "dF", "F", "active")
+
+
+@pytest.mark.parametrize("which", NAMES)
+def test_a_meta_tensor_among_cpu_ones_is_refused(which):
+    """A meta tensor sends the call to the fake kernel (the dispatcher takes the device of
+    highest priority): it returned an empty step and updated nothing, silently."""
+    state = dict(zip(NAMES, make_state(3, 4, 5, 2, torch.float32, "cpu", seed=6)))
+    state[which] = state[which].to("meta")
+    if which == "U":
+        message = "broyden_step: V must be on U's device \\(meta\\), got cpu"
+    else:
+        message = f"broyden_step: {which} must be on U's device \\(cpu\\), got meta"
+    args = [state[k] for k in NAMES] + [2, 2]
+    with pytest.raises(RuntimeError, match=message):
+        broyden_step(*args)
+    with pytest.raises(RuntimeError, match=message):
+        torch.ops.impflow.broyden_step(*args)
+
+
+def test_all_meta_tensors_reach_the_fake_kernel():
+    state = make_state(3, 4, 5, 2, torch.float32, "meta", seed=6)
+    step = broyden_step(*state, 2, 2)
+    assert step.device.type == "meta" and step.shape == (3, 5)
+
+
+def test_no_kernel_for_the_chosen_device_names_the_argument(monkeypatch):
+    """In a build without CUDA kernels a CUDA tensor among CPU ones finds no kernel; the
+    wrapper then names it. Simulated: a stand-in op raises as the dispatcher does, and a meta
+    tensor plays the CUDA one."""
+
+    def no_kernel(*args):
+        raise NotImplementedError("Could not run 'impflow::broyden_step' with arguments ...")
+
+    monkeypatch.setattr(torch.ops.impflow, "broyden_step", no_kernel)
+    state = make_state(3, 4, 5, 2, torch.float32, "cpu", seed=6)
+    mixed = state[:3] + [state[3].to("meta")] + state[4:]
+    with pytest.raises(RuntimeError, match="dF must be on U's device \\(cpu\\), got meta"):
+        broyden_step(*mixed, 2, 2)
+    with pytest.raises(NotImplementedError, match="Could not run"):  # one device: as it was
+        broyden_step(*state, 2, 2)
+
+
+@pytest.mark.cuda
+@pytest.mark.skipif(not HAS_CUDA, reason="needs a CUDA GPU")
+@pytest.mark.parametrize("which", NAMES[1:])
+def test_a_cpu_tensor_among_cuda_ones_is_refused(which):
+    state = dict(zip(NAMES, make_state(3, 4, 5, 2, torch.float32, "cuda", seed=6)))
+    state[which] = state[which].cpu()
+    with pytest.raises(RuntimeError, match=f"{which} must be on U's device \\(cuda:0\\)"):
+        broyden_step(*(state[k] for k in NAMES), 2, 2)
 
 
 def test_gradients_through_the_op_are_refused():

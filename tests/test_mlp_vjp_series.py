@@ -328,6 +328,13 @@ def test_mixed_devices_are_refused():
     weights, derivs, v, coeffs = make_problem(3, (5,), 6, 2, torch.float32, "cuda", seed=12)
     with pytest.raises(RuntimeError, match="must be on v's device"):
         mlp_vjp_series([weights[0].cpu(), weights[1]], derivs, v, coeffs, 2)
+    # Unchecked in Python, a CUDA weight picks the CUDA kernel, whose checks name the CPU v
+    # (a CUDA device guard on v refused it first).
+    message = "weights\\[0\\] must be on v's device \\(cpu\\), got cuda"
+    with pytest.raises(RuntimeError, match=message):
+        mlp_vjp_series(
+            weights, [t.cpu() for t in derivs], v.cpu(), coeffs.cpu(), 2, check_finite=False
+        )
 
 
 # ----------------------------------------------------------------------------- empty batch
@@ -409,6 +416,41 @@ def test_empty_batch_backward_arguments_are_still_checked():
         backward(products, traces[:3], series, *problem, products)
     with pytest.raises(RuntimeError, match="coeffs must have shape \\(n_terms,\\) = \\(7\\)"):
         backward(products, traces, series, *problem[:3], problem[3][:5], products)
+
+
+# ----------------------------------------------------------------------------- devices
+
+
+def test_a_meta_tensor_among_cpu_ones_is_refused():
+    """A meta tensor sends the call to the fake kernel, which computes nothing: forward (v or
+    any other input) and backward must refuse it by name."""
+    weights, derivs, v, coeffs = make_problem(3, (5,), 6, 2, torch.float64, "cpu", seed=15)
+    message = "mlp_vjp_series: weights\\[0\\] must be on v's device \\(meta\\), got cpu"
+    with pytest.raises(RuntimeError, match=message):
+        mlp_vjp_series(weights, derivs, v.to("meta"), coeffs, 2, check_finite=False)
+    with pytest.raises(RuntimeError, match="coeffs must be on v's device \\(cpu\\), got meta"):
+        torch.ops.impflow.mlp_vjp_series(weights, derivs, v, coeffs.to("meta"), 2)
+    products, traces, series = mlp_vjp_series(weights, derivs, v, coeffs, 2)
+    backward = torch.ops.impflow.mlp_vjp_series_backward
+    message = "mlp_vjp_series_backward: products must be on v's device \\(cpu\\), got meta"
+    with pytest.raises(RuntimeError, match=message):
+        backward(products, traces, series, weights, derivs, v, coeffs, products.to("meta"))
+    message = "mlp_vjp_series_backward: grad_series must be on v's device \\(cpu\\), got meta"
+    with pytest.raises(RuntimeError, match=message):
+        backward(products, traces, series.to("meta"), weights, derivs, v, coeffs, products)
+
+
+def test_no_kernel_for_the_chosen_device_names_the_argument(monkeypatch):
+    """As in test_broyden_step.py: a stand-in op raises as the dispatcher does when a build
+    without CUDA kernels meets a CUDA tensor; a meta tensor plays that tensor."""
+
+    def no_kernel(*args):
+        raise NotImplementedError("Could not run 'impflow::mlp_vjp_series' with arguments ...")
+
+    monkeypatch.setattr(torch.ops.impflow, "mlp_vjp_series", no_kernel)
+    weights, derivs, v, coeffs = make_problem(3, (5,), 6, 2, torch.float64, "cpu", seed=16)
+    with pytest.raises(RuntimeError, match="act_derivs\\[0\\] must be on v's device"):
+        mlp_vjp_series(weights, [derivs[0].to("meta")], v, coeffs, 2, check_finite=False)
 
 
 def test_bad_backward_arguments():

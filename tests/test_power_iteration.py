@@ -6,7 +6,7 @@ from torch.torch_version import TorchVersion
 
 from impflow.ops import power_iteration
 from impflow.ops.reference import power_iteration_reference
-from testing import DEVICES, DTYPES, REL_TOL, rel_error
+from testing import DEVICES, DTYPES, HAS_CUDA, REL_TOL, rel_error
 
 SHAPES = [(1, 1), (3, 5), (5, 3), (128, 128), (7, 300), (6, 128)]
 
@@ -219,6 +219,41 @@ def test_long_lists_are_checked_across_all_layers():
     vs[99] = us[0]
     with pytest.raises(RuntimeError, match="vs\\[99\\] is written in place .* with us\\[0\\]"):
         power_iteration(weights, us, vs, 1)
+
+
+MIXED = [
+    ("weights\\[1\\] must be on weights\\[0\\]'s device \\(cpu\\), got meta", "weights", 1),
+    ("us\\[0\\] must be on weights\\[0\\]'s device \\(cpu\\), got meta", "us", 0),
+    ("vs\\[1\\] must be on weights\\[0\\]'s device \\(cpu\\), got meta", "vs", 1),
+]
+
+
+@pytest.mark.parametrize("message,which,index", MIXED, ids=[f"{m[1]}[{m[2]}]" for m in MIXED])
+def test_a_meta_tensor_among_cpu_ones_is_refused(message, which, index):
+    """A meta tensor sends the call to the fake kernel (the dispatcher takes the device of
+    highest priority): it returned a result without touching u and v."""
+    weights, us, vs = make_problem([(3, 4), (5, 2)], torch.float32, "cpu", seed=10)
+    lists = {"weights": weights, "us": us, "vs": vs}
+    lists[which][index] = lists[which][index].to("meta")
+    with pytest.raises(RuntimeError, match=message):
+        power_iteration(weights, us, vs, 2)
+    with pytest.raises(RuntimeError, match=message):
+        torch.ops.impflow.power_iteration(weights, us, vs, 2)
+
+
+def test_all_meta_tensors_reach_the_fake_kernel():
+    weights, us, vs = make_problem([(3, 4), (5, 2)], torch.float32, "meta", seed=11)
+    sigma = power_iteration(weights, us, vs, 2)
+    assert sigma.device.type == "meta" and sigma.shape == (2,)
+
+
+@pytest.mark.cuda
+@pytest.mark.skipif(not HAS_CUDA, reason="needs a CUDA GPU")
+def test_a_cpu_tensor_among_cuda_ones_is_refused():
+    weights, us, vs = make_problem([(3, 4), (5, 2)], torch.float32, "cuda", seed=12)
+    vs[1] = vs[1].cpu()
+    with pytest.raises(RuntimeError, match="vs\\[1\\] must be on weights\\[0\\]'s device"):
+        power_iteration(weights, us, vs, 2)
 
 
 def test_gradients_through_the_op_are_refused():

@@ -3,7 +3,7 @@
 import torch
 from torch.torch_version import TorchVersion
 
-from impflow._extension import check_device
+from impflow._extension import check_device, check_same_device
 from impflow.ops.reference import check_power_iteration_lists, power_iteration_reference
 
 __all__ = ["power_iteration"]
@@ -31,7 +31,18 @@ def power_iteration(weights, us, vs, n_iterations):
         check_device(weights[0], "ops.power_iteration")
     if _COMPILE_TAKES_REFERENCE and torch.compiler.is_compiling():
         return power_iteration_reference(weights, us, vs, n_iterations)
-    return torch.ops.impflow.power_iteration(weights, us, vs, n_iterations)
+    try:
+        return torch.ops.impflow.power_iteration(weights, us, vs, n_iterations)
+    except NotImplementedError:
+        # No kernel for the device the dispatcher chose: say which argument is elsewhere.
+        check_same_device("power_iteration", _named(weights, us, vs))
+        raise
+
+
+def _named(weights, us, vs):
+    named = [(f"weights[{i}]", t) for i, t in enumerate(weights)]
+    named += [(f"us[{i}]", t) for i, t in enumerate(us)]
+    return named + [(f"vs[{i}]", t) for i, t in enumerate(vs)]
 
 
 @torch.library.register_fake("impflow::power_iteration")
@@ -39,4 +50,6 @@ def _power_iteration_fake(weights, us, vs, n_iterations):
     check_power_iteration_lists(weights, us, vs, n_iterations)
     if not weights:
         return torch.empty(0)
+    # Also reached by one meta tensor among real ones, where it must not pass for a result.
+    check_same_device("power_iteration", _named(weights, us, vs))
     return weights[0].new_empty((len(weights),))
