@@ -4,6 +4,7 @@
 #include <torch/library.h>
 
 #include "impflow/ops.h"
+#include "impflow/power_checks.h"
 
 #ifdef TORCH_EXTENSION_NAME
 #include <torch/extension.h>
@@ -69,6 +70,11 @@ std::tuple<at::Tensor, at::Tensor> solver_track(const at::Tensor& z, const at::T
 
 at::Tensor power_iteration(at::TensorList weights, at::TensorList us, at::TensorList vs,
                            int64_t n_iterations) {
+  // Without a tensor the dispatcher has no device to choose a kernel by: checked here.
+  if (weights.empty() && us.empty() && vs.empty()) {
+    check_power_iteration_args(weights, us, vs, n_iterations);
+    return at::empty({0});
+  }
   static auto op = c10::Dispatcher::singleton()
                        .findSchemaOrThrow("impflow::power_iteration", "")
                        .typed<at::Tensor(at::TensorList, at::TensorList, at::TensorList, int64_t)>();

@@ -64,3 +64,21 @@ def check_device(tensor: torch.Tensor, op: str) -> None:
             f"impflow.{op} got a CUDA tensor, but impflow was built without CUDA kernels; "
             f"to rebuild it with them, {_BUILD_HINT} on a machine with nvcc (or with FORCE_CUDA=1)"
         )
+
+
+def check_same_device(op: str, named) -> None:
+    """Raises a RuntimeError naming the first tensor of ``named`` (``(name, tensor)`` pairs)
+    that is not on the device of the first one.
+
+    The dispatcher runs the kernel of the highest-priority device among all the tensor
+    arguments: one meta tensor among CPU ones reaches the fake kernel, which computes nothing
+    and updates nothing, and one CUDA tensor the CUDA kernel (or, in a build without CUDA
+    kernels, no kernel). The fake kernels call this; the wrappers too when no kernel was found;
+    the C++ checks say the same for the real kernels.
+    """
+    first_name, first = named[0]
+    for name, t in named[1:]:
+        if isinstance(t, torch.Tensor) and t.device != first.device:
+            raise RuntimeError(  # from None: alone, also when raised while handling another
+                f"{op}: {name} must be on {first_name}'s device ({first.device}), got {t.device}"
+            ) from None

@@ -9,7 +9,7 @@ import torch
 
 from impflow.ops import broyden_step
 from impflow.ops.reference import broyden_step_reference
-from testing import DEVICES, DTYPES, REL_TOL, noncontiguous, rel_error
+from testing import DEVICES, DTYPES, HAS_CUDA, REL_TOL, noncontiguous, rel_error
 
 
 def batch_minor(t):
@@ -198,6 +198,112 @@ def test_opcheck(B, m, d, n_valid, slot, dtype, device):
     )
 
 
+# NaN and Inf: the fused kernels follow the reference (its docstring states the rules). Each
+# input gets a value in element d // 2 of three samples: 0 (active), 17 (active; the second
+# AVX-512 block in float32) and 36 (inactive: untouched, zero step).
+NON_FINITE_INPUTS = ["F", "dz", "dF", "U_kept", "V_kept", "U_slot", "V_slot", "U_unread"]
+NON_FINITE_SAMPLES = [0, 17, 36]
+
+
+def assert_non_finite_match(out, ref, same_dtype_ref, context):
+    """NaN where the float64 reference has NaN, the same infinities, and the finite values
+    as close as assert_close_to_reference asks."""
+    for name, o, r, s in zip(("step", "U", "V"), out, ref, same_dtype_ref):
+        o = o.cpu()
+        assert torch.equal(o.isnan(), r.isnan()), (
+            f"{name}: NaN elsewhere than the reference {context}"
+        )
+        inf = r.isinf()
+        assert torch.equal(o.isinf(), inf) and torch.equal(o[inf].double(), r[inf]), (
+            f"{name}: infinities differ from the reference {context}"
+        )
+        assert torch.equal(s.isfinite(), r.isfinite()), f"reference in {s.dtype} {context}"
+        finite = r.isfinite()
+        assert_close_to_reference((o[finite],), (r[finite],), (s[finite],), f"{name} {context}")
+
+
+def non_finite_cases(m):
+    """(input, value, n_valid, slot): every input with NaN, Inf and -Inf, with an empty, a
+    filling and a full history; history rows only where they are read (or, for U_unread, not)."""
+    for n_valid, slot in [(0, 0), (m - 2, m - 2), (m, m // 2)]:
+        for where in NON_FINITE_INPUTS:
+            kept = 0 if slot != 0 else 1  # a valid row that stays
+            if where.endswith("_kept") and kept >= n_valid:
+                continue
+            if where.endswith("_slot") and slot >= n_valid:
+                continue  # the slot holds nothing yet: never read
+            if where == "U_unread" and n_valid == m:
+                continue
+            for value in (float("nan"), float("inf"), float("-inf")):
+                yield where, value, n_valid, slot
+
+
+def poisoned_state(B, m, d, n_valid, slot, where, value, dtype, device, layout, seed):
+    state = make_state(B, m, d, n_valid, dtype, "cpu", seed=seed, layout=layout)
+    U, V, dz, dF, F, active = state
+    active[NON_FINITE_SAMPLES[:2]] = True
+    active[NON_FINITE_SAMPLES[2]] = False
+    j = d // 2
+    if where in ("F", "dz", "dF"):
+        target = {"F": F, "dz": dz, "dF": dF}[where]
+        target[NON_FINITE_SAMPLES, j] = value
+    else:
+        history = U if where.startswith("U") else V
+        if where == "U_unread":  # rows from max(n_valid, slot + 1) on
+            history[:, max(n_valid, slot + 1) :] = value
+        else:
+            row = slot if where.endswith("_slot") else (0 if slot != 0 else 1)
+            history[NON_FINITE_SAMPLES, row, j] = value
+    return [t.to(device) for t in state]
+
+
+def check_non_finite_cases(d, layout, dtype, device):
+    """The op against the float64 reference for every case of non_finite_cases."""
+    B, m = 37, 5
+    for where, value, n_valid, slot in non_finite_cases(m):
+        context = f"({where} = {value}, n_valid={n_valid}, slot={slot}, d={d}, {layout})"
+        state = poisoned_state(B, m, d, n_valid, slot, where, value, dtype, device, layout, d)
+        U0, V0 = state[0].clone(), state[1].clone()
+        same = reference_on_copies(*state, slot, n_valid, dtype)
+        out, ref = run_both(*state, slot, n_valid)
+        assert_non_finite_match(out, ref, same, context)
+        step, U1, V1 = out
+        off = NON_FINITE_SAMPLES[2]  # inactive
+        assert torch.equal(step[off], torch.zeros_like(step[off])), context
+        for new, old in ((U1, U0), (V1, V0)):
+            torch.testing.assert_close(new[off], old[off], rtol=0, atol=0, equal_nan=True)
+        if where == "F":  # the rule of the issue: no part of a step from a non-finite F
+            assert step[NON_FINITE_SAMPLES[:2]].isnan().all(), context
+
+
+@pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize(
+    "d,layout",
+    [(d, "contiguous") for d in (1, 2, 3, 4, 5, 64, 1031)]
+    + [(d, "batch_minor") for d in (1, 2, 3, 4, 5, 64)],
+)
+def test_non_finite_inputs_match_reference(d, layout, dtype, device, monkeypatch):
+    """NaN, Inf and -Inf in each input, with empty, filling and full histories: the fused
+    step, U and V have NaN and Inf where the reference has them, the rest agrees (with F =
+    [3, nan] the kernels stepped [3, nan], the reference [nan, nan])."""
+    kernels = ["block", "split"] if device == "cuda" else [None]
+    for kernel in kernels:
+        if kernel:
+            monkeypatch.setenv("IMPFLOW_CUDA_STEP", kernel)
+        check_non_finite_cases(d, layout, dtype, device)
+
+
+def test_non_finite_residual_of_the_issue():
+    U, V = torch.zeros(1, 3, 2), torch.zeros(1, 3, 2)
+    dz, dF = torch.tensor([[1.0, 0.0]]), torch.tensor([[-1.0, 0.0]])
+    F, active = torch.tensor([[3.0, float("nan")]]), torch.ones(1, dtype=torch.bool)
+    ref = broyden_step_reference(U.clone(), V.clone(), dz, dF, F, active, 0, 0)
+    step = broyden_step(U, V, dz, dF, F, active, 0, 0)
+    assert ref.isnan().all() and step.isnan().all()
+    assert not U.any() and not V.any()  # the update is dropped
+
+
 def test_empty_batch_returns_empty_step():
     U, V, dz, dF, F, active = make_state(1, 2, 3, 0, torch.float32, "cpu", seed=1)
     empty = [t[:0] for t in (U, V, dz, dF, F, active)]
@@ -243,6 +349,59 @@ def test_bad_arguments(message, spoil):
         broyden_step(*(state[k] for k in names), state["slot"], state["n_valid"])
 
 
+NAMES = ("U", "V", "dz", "dF", "F", "active")
+
+
+@pytest.mark.parametrize("which", NAMES)
+def test_a_meta_tensor_among_cpu_ones_is_refused(which):
+    """A meta tensor sends the call to the fake kernel (the dispatcher takes the device of
+    highest priority): it returned an empty step and updated nothing, silently."""
+    state = dict(zip(NAMES, make_state(3, 4, 5, 2, torch.float32, "cpu", seed=6)))
+    state[which] = state[which].to("meta")
+    if which == "U":
+        message = "broyden_step: V must be on U's device \\(meta\\), got cpu"
+    else:
+        message = f"broyden_step: {which} must be on U's device \\(cpu\\), got meta"
+    args = [state[k] for k in NAMES] + [2, 2]
+    with pytest.raises(RuntimeError, match=message):
+        broyden_step(*args)
+    with pytest.raises(RuntimeError, match=message):
+        torch.ops.impflow.broyden_step(*args)
+
+
+def test_all_meta_tensors_reach_the_fake_kernel():
+    state = make_state(3, 4, 5, 2, torch.float32, "meta", seed=6)
+    step = broyden_step(*state, 2, 2)
+    assert step.device.type == "meta" and step.shape == (3, 5)
+
+
+def test_no_kernel_for_the_chosen_device_names_the_argument(monkeypatch):
+    """In a build without CUDA kernels a CUDA tensor among CPU ones finds no kernel; the
+    wrapper then names it. Simulated: a stand-in op raises as the dispatcher does, and a meta
+    tensor plays the CUDA one."""
+
+    def no_kernel(*args):
+        raise NotImplementedError("Could not run 'impflow::broyden_step' with arguments ...")
+
+    monkeypatch.setattr(torch.ops.impflow, "broyden_step", no_kernel)
+    state = make_state(3, 4, 5, 2, torch.float32, "cpu", seed=6)
+    mixed = state[:3] + [state[3].to("meta")] + state[4:]
+    with pytest.raises(RuntimeError, match="dF must be on U's device \\(cpu\\), got meta"):
+        broyden_step(*mixed, 2, 2)
+    with pytest.raises(NotImplementedError, match="Could not run"):  # one device: as it was
+        broyden_step(*state, 2, 2)
+
+
+@pytest.mark.cuda
+@pytest.mark.skipif(not HAS_CUDA, reason="needs a CUDA GPU")
+@pytest.mark.parametrize("which", NAMES[1:])
+def test_a_cpu_tensor_among_cuda_ones_is_refused(which):
+    state = dict(zip(NAMES, make_state(3, 4, 5, 2, torch.float32, "cuda", seed=6)))
+    state[which] = state[which].cpu()
+    with pytest.raises(RuntimeError, match=f"{which} must be on U's device \\(cuda:0\\)"):
+        broyden_step(*(state[k] for k in NAMES), 2, 2)
+
+
 def test_gradients_through_the_op_are_refused():
     # Not differentiable: an output of inputs that require grad must not let a gradient pass
     # as None or zeros (torch's default for an op without an autograd kernel).
@@ -259,7 +418,7 @@ def test_compiler_vectorised_kernel_without_avx512():
     script = (
         "import torch, impflow\n"
         "from test_broyden_step import make_state, run_both, reference_on_copies, "
-        "assert_close_to_reference\n"
+        "assert_close_to_reference, check_non_finite_cases\n"
         "for dtype in (torch.float32, torch.float64):\n"
         "    for B, m, d in ((7, 5, 1), (256, 30, 2), (33, 5, 3), (9, 4, 4)):\n"
         "        state = make_state(B, m, d, m, dtype, 'cpu', seed=B + d, layout='batch_minor',\n"
@@ -267,6 +426,8 @@ def test_compiler_vectorised_kernel_without_avx512():
         "        same = reference_on_copies(*state, m // 2, m, dtype)\n"
         "        out, ref = run_both(*state, m // 2, m)\n"
         "        assert_close_to_reference(out, ref, same, f'{B} {m} {d} {dtype}')\n"
+        "    for d in (1, 2, 3, 4):\n"
+        "        check_non_finite_cases(d, 'batch_minor', dtype, 'cpu')\n"
         "print('ok')\n"
     )
     env = {**os.environ, "IMPFLOW_DISABLE_AVX512": "1"}

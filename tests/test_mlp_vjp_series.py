@@ -328,6 +328,129 @@ def test_mixed_devices_are_refused():
     weights, derivs, v, coeffs = make_problem(3, (5,), 6, 2, torch.float32, "cuda", seed=12)
     with pytest.raises(RuntimeError, match="must be on v's device"):
         mlp_vjp_series([weights[0].cpu(), weights[1]], derivs, v, coeffs, 2)
+    # Unchecked in Python, a CUDA weight picks the CUDA kernel, whose checks name the CPU v
+    # (a CUDA device guard on v refused it first).
+    message = "weights\\[0\\] must be on v's device \\(cpu\\), got cuda"
+    with pytest.raises(RuntimeError, match=message):
+        mlp_vjp_series(
+            weights, [t.cpu() for t in derivs], v.cpu(), coeffs.cpu(), 2, check_finite=False
+        )
+
+
+# ----------------------------------------------------------------------------- empty batch
+
+
+def _empty_batch(n_terms, dtype=torch.float64, d=3, batch=0):
+    weights, derivs, v, _ = make_problem(d, (5, 4), batch, 1, dtype, "cpu", seed=14)
+    return weights, derivs, v, torch.ones(n_terms, dtype=dtype)
+
+
+@pytest.mark.parametrize("batch,d", [(0, 3), (4, 0)])
+def test_empty_batch_takes_no_step(batch, d):
+    """No sample (or no element): the results at once, without n_terms empty steps (each a
+    few matrix products of empty operands: 30 s for n_terms = 10^7), forward and backward."""
+    n = 1000
+    weights, derivs, v, coeffs = _leaves(*_empty_batch(n, d=d, batch=batch))
+    names = _ops_called(lambda: mlp_vjp_series(weights, derivs, v, coeffs, n))
+    assert not names & {"aten::mm", "aten::mm_out", "aten::bmm", "aten::addmm"}, names
+    products, traces, series = mlp_vjp_series(weights, derivs, v, coeffs, n)
+    assert products.shape == (n, batch, d) and traces.shape == (n, batch)
+    assert series.shape == (batch,)
+    assert not traces.any() and not series.any()  # a trace over no element is 0
+    ref = mlp_vjp_series_reference(weights, derivs, v, coeffs, n)
+    for got, want in zip((products, traces, series), ref):
+        assert torch.equal(got, want)
+    loss = products.sum() + traces.sum() + series.sum()
+    names = _ops_called(
+        lambda: torch.autograd.grad(loss, _flat(weights, derivs, v, coeffs), retain_graph=True)
+    )
+    assert not names & {"aten::mm", "aten::mm_out", "aten::bmm", "aten::addmm"}, names
+    grads = torch.autograd.grad(loss, _flat(weights, derivs, v, coeffs))
+    for g, t in zip(grads, _flat(weights, derivs, v, coeffs)):
+        assert g.shape == t.shape and not g.any()
+
+
+def test_empty_batch_with_ten_million_terms_is_quick():
+    import time
+
+    n = 10_000_000
+    weights, derivs, v, coeffs = _empty_batch(n, dtype=torch.float32)
+    start = time.perf_counter()
+    products, traces, series = mlp_vjp_series(weights, derivs, v, coeffs, n)
+    grads = torch.ops.impflow.mlp_vjp_series_backward(
+        products, traces, series, weights, derivs, v, coeffs, products
+    )
+    assert time.perf_counter() - start < 5.0  # about 0.05 s; 30 s each way before
+    assert products.shape == (n, 0, 3) and grads[2].shape == (0, 3)
+
+
+EMPTY_BATCH_BAD = [
+    ("n_terms must be >= 1", lambda w, dv, v, c: (w, dv, v, c[:0], 0)),
+    ("coeffs must have shape \\(n_terms,\\) = \\(7\\)", lambda w, dv, v, c: (w, dv, v, c[:6], 7)),
+    (
+        "weights\\[1\\] must have 5 columns",
+        lambda w, dv, v, c: ([w[0], w[1][:, :4], w[2]], dv, v, c, 7),
+    ),
+    (
+        "act_derivs\\[0\\] must have v's dtype",
+        lambda w, dv, v, c: (w, [dv[0].float(), dv[1]], v, c, 7),
+    ),
+    ("at least one matrix", lambda w, dv, v, c: ([], [], v, c, 7)),
+]
+
+
+@pytest.mark.parametrize("message,spoil", EMPTY_BATCH_BAD, ids=[b[0] for b in EMPTY_BATCH_BAD])
+def test_empty_batch_arguments_are_still_checked(message, spoil):
+    args = spoil(*_empty_batch(7))
+    with pytest.raises(RuntimeError, match=message):
+        mlp_vjp_series(*args)
+    with pytest.raises(RuntimeError, match=message):
+        torch.ops.impflow.mlp_vjp_series(*args)
+
+
+def test_empty_batch_backward_arguments_are_still_checked():
+    problem = _empty_batch(7)
+    products, traces, series = mlp_vjp_series(*problem, 7)
+    backward = torch.ops.impflow.mlp_vjp_series_backward
+    with pytest.raises(RuntimeError, match="grad_traces must have shape \\[7, 0\\]"):
+        backward(products, traces[:3], series, *problem, products)
+    with pytest.raises(RuntimeError, match="coeffs must have shape \\(n_terms,\\) = \\(7\\)"):
+        backward(products, traces, series, *problem[:3], problem[3][:5], products)
+
+
+# ----------------------------------------------------------------------------- devices
+
+
+def test_a_meta_tensor_among_cpu_ones_is_refused():
+    """A meta tensor sends the call to the fake kernel, which computes nothing: forward (v or
+    any other input) and backward must refuse it by name."""
+    weights, derivs, v, coeffs = make_problem(3, (5,), 6, 2, torch.float64, "cpu", seed=15)
+    message = "mlp_vjp_series: weights\\[0\\] must be on v's device \\(meta\\), got cpu"
+    with pytest.raises(RuntimeError, match=message):
+        mlp_vjp_series(weights, derivs, v.to("meta"), coeffs, 2, check_finite=False)
+    with pytest.raises(RuntimeError, match="coeffs must be on v's device \\(cpu\\), got meta"):
+        torch.ops.impflow.mlp_vjp_series(weights, derivs, v, coeffs.to("meta"), 2)
+    products, traces, series = mlp_vjp_series(weights, derivs, v, coeffs, 2)
+    backward = torch.ops.impflow.mlp_vjp_series_backward
+    message = "mlp_vjp_series_backward: products must be on v's device \\(cpu\\), got meta"
+    with pytest.raises(RuntimeError, match=message):
+        backward(products, traces, series, weights, derivs, v, coeffs, products.to("meta"))
+    message = "mlp_vjp_series_backward: grad_series must be on v's device \\(cpu\\), got meta"
+    with pytest.raises(RuntimeError, match=message):
+        backward(products, traces, series.to("meta"), weights, derivs, v, coeffs, products)
+
+
+def test_no_kernel_for_the_chosen_device_names_the_argument(monkeypatch):
+    """As in test_broyden_step.py: a stand-in op raises as the dispatcher does when a build
+    without CUDA kernels meets a CUDA tensor; a meta tensor plays that tensor."""
+
+    def no_kernel(*args):
+        raise NotImplementedError("Could not run 'impflow::mlp_vjp_series' with arguments ...")
+
+    monkeypatch.setattr(torch.ops.impflow, "mlp_vjp_series", no_kernel)
+    weights, derivs, v, coeffs = make_problem(3, (5,), 6, 2, torch.float64, "cpu", seed=16)
+    with pytest.raises(RuntimeError, match="act_derivs\\[0\\] must be on v's device"):
+        mlp_vjp_series(weights, [derivs[0].to("meta")], v, coeffs, 2, check_finite=False)
 
 
 def test_bad_backward_arguments():

@@ -210,12 +210,14 @@ __attribute__((target("avx512f"))) void step_samples(typename S::scalar* U, type
     }
     vec x[D], g[D], f[D], ub[D], va[D], uc[D], st[D];
     vec dz_dF = S::zero(), dz_F = S::zero(), sum_ab = S::zero(), sum_ac = S::zero();
+    vec zero_F = S::zero();  // sum_j 0 * F[j]: NaN when F is not finite
     load_split<S, D>(dz + b0 * D, len * D, regroup, x);
     load_split<S, D>(dF + b0 * D, len * D, regroup, g);
     load_split<S, D>(F + b0 * D, len * D, regroup, f);
     for (int j = 0; j < D; ++j) {
       dz_dF = S::fmadd(x[j], g[j], dz_dF);
       dz_F = S::fmadd(x[j], f[j], dz_F);
+      zero_F = S::fmadd(S::zero(), f[j], zero_F);
       ub[j] = va[j] = uc[j] = S::zero();
     }
     for (int i = 0; i < n_valid; ++i) {
@@ -245,7 +247,7 @@ __attribute__((target("avx512f"))) void step_samples(typename S::scalar* U, type
     const mask valid = S::le(S::abs(denom), largest) & S::le(S::abs(vnew_dot_F), largest) &
                        S::gt(S::abs(denom), smallest);
     const vec inv_denom = S::maskz_div(valid, one, denom);
-    const vec vF = S::maskz_mov(valid, vnew_dot_F);
+    const vec vF = S::blend(valid, zero_F, vnew_dot_F);  // dropped: the zero pair's 0 . F
     T* Us = U + int64_t(slot) * D * B + b0;
     T* Vs = V + int64_t(slot) * D * B + b0;
     for (int j = 0; j < D; ++j) {  // broyden_element_scalars

@@ -45,11 +45,12 @@ IMPFLOW_INLINE void sample_general(const Sample<scalar_t>& s, int64_t d, int n_v
   acc_t* __restrict__ sum_u_b = rows;
   acc_t* __restrict__ sum_v_a = rows + d;
   acc_t* __restrict__ sum_u_c = rows + 2 * d;
-  acc_t dz_dF = 0, dz_F = 0;
-#pragma omp simd reduction(+ : dz_dF, dz_F)
+  acc_t dz_dF = 0, dz_F = 0, zero_F = 0;
+#pragma omp simd reduction(+ : dz_dF, dz_F, zero_F)
   for (int64_t j = 0; j < d; ++j) {
     dz_dF += acc_t(s.dz[j]) * acc_t(s.dF[j]);
     dz_F += acc_t(s.dz[j]) * acc_t(s.F[j]);
+    zero_F += acc_t(0) * acc_t(s.F[j]);  // NaN when F is not finite (broyden_math.h)
     sum_u_b[j] = sum_v_a[j] = sum_u_c[j] = acc_t(0);
   }
   acc_t sum_ab = 0, sum_ac = 0;
@@ -65,15 +66,17 @@ IMPFLOW_INLINE void sample_general(const Sample<scalar_t>& s, int64_t d, int n_v
     }
     sum_ab += a * b;
     sum_ac += a * c;
-    const acc_t c_kept = (i == slot) ? acc_t(0) : c;  // the overwritten slot drops out
+    // The overwritten slot drops out of the step: skipped, not multiplied by 0 (a NaN or Inf
+    // in it would still reach the step).
+    const bool kept = i != slot;
 #pragma omp simd
     for (int64_t j = 0; j < d; ++j) {
       sum_u_b[j] += acc_t(u[j]) * b;
       sum_v_a[j] += acc_t(v[j]) * a;
-      sum_u_c[j] += acc_t(u[j]) * c_kept;
+      if (kept) sum_u_c[j] += acc_t(u[j]) * c;
     }
   }
-  const auto k = broyden_coefficients_from_sums<acc_t>(sum_ab, sum_ac, dz_dF, dz_F);
+  const auto k = broyden_coefficients_from_sums<acc_t>(sum_ab, sum_ac, dz_dF, dz_F, zero_F);
   scalar_t* __restrict__ u_slot = s.U + int64_t(slot) * d;
   scalar_t* __restrict__ v_slot = s.V + int64_t(slot) * d;
 #pragma omp simd
@@ -93,10 +96,11 @@ template <typename scalar_t, int D>
 IMPFLOW_INLINE void sample_small(const Sample<scalar_t>& s, int n_valid, int slot) {
   using acc_t = at::opmath_type<scalar_t>;
   acc_t dz[D], dF[D], F[D];
-  acc_t dz_dF = 0, dz_F = 0;
+  acc_t dz_dF = 0, dz_F = 0, zero_F = 0;
   for (int j = 0; j < D; ++j) {
     dz[j] = s.dz[j], dF[j] = s.dF[j], F[j] = s.F[j];
     dz_dF += dz[j] * dF[j], dz_F += dz[j] * F[j];
+    zero_F += acc_t(0) * F[j];  // NaN when F is not finite (broyden_math.h)
   }
   acc_t sum_u_b[D] = {}, sum_v_a[D] = {}, sum_u_c[D] = {};
   acc_t sum_ab = 0, sum_ac = 0;
@@ -111,15 +115,17 @@ IMPFLOW_INLINE void sample_small(const Sample<scalar_t>& s, int n_valid, int slo
     for (int j = 0; j < D; ++j) a += dz[j] * u[j], b += v[j] * dF[j], c += v[j] * F[j];
     sum_ab += a * b;
     sum_ac += a * c;
-    const acc_t c_kept = (i == slot) ? acc_t(0) : c;  // the overwritten slot drops out
-    ub0 += u[0] * b, va0 += v[0] * a, uc0 += u[0] * c_kept;
-    if (D > 1) ub1 += u[1] * b, va1 += v[1] * a, uc1 += u[1] * c_kept;
-    if (D > 2) ub2 += u[2] * b, va2 += v[2] * a, uc2 += u[2] * c_kept;
-    if (D > 3) ub3 += u[3] * b, va3 += v[3] * a, uc3 += u[3] * c_kept;
+    // The overwritten slot drops out of the step: a select, not a product with 0 (its NaN
+    // or Inf would remain).
+    const bool kept = i != slot;
+    ub0 += u[0] * b, va0 += v[0] * a, uc0 += kept ? u[0] * c : acc_t(0);
+    if (D > 1) ub1 += u[1] * b, va1 += v[1] * a, uc1 += kept ? u[1] * c : acc_t(0);
+    if (D > 2) ub2 += u[2] * b, va2 += v[2] * a, uc2 += kept ? u[2] * c : acc_t(0);
+    if (D > 3) ub3 += u[3] * b, va3 += v[3] * a, uc3 += kept ? u[3] * c : acc_t(0);
   }
   const acc_t ub[4] = {ub0, ub1, ub2, ub3}, va[4] = {va0, va1, va2, va3}, uc[4] = {uc0, uc1, uc2, uc3};
   for (int j = 0; j < D; ++j) sum_u_b[j] = ub[j], sum_v_a[j] = va[j], sum_u_c[j] = uc[j];
-  const auto k = broyden_coefficients_from_sums<acc_t>(sum_ab, sum_ac, dz_dF, dz_F);
+  const auto k = broyden_coefficients_from_sums<acc_t>(sum_ab, sum_ac, dz_dF, dz_F, zero_F);
   for (int j = 0; j < D; ++j) {
     acc_t u_new, v_new, st;
     broyden_element<acc_t>(dz[j], dF[j], F[j], sum_u_b[j], sum_v_a[j], sum_u_c[j], k, &u_new,
@@ -164,7 +170,7 @@ IMPFLOW_INLINE void samples_batch_minor(scalar_t* __restrict__ U, scalar_t* __re
   using acc_t = scalar_t;
   const int64_t B = p.B, d = D > 0 ? D : p.d;
   const int n_valid = p.n_valid, slot = p.slot;
-  // work: (6 d + 7) kLanes values (the pointers below), allocated by the caller.
+  // work: (6 d + 8) kLanes values (the pointers below), allocated by the caller.
   acc_t* __restrict__ x = work;                    // dz, transposed to [j][lane]
   acc_t* __restrict__ g = x + d * kLanes;          // dF
   acc_t* __restrict__ f = g + d * kLanes;          // F
@@ -178,6 +184,7 @@ IMPFLOW_INLINE void samples_batch_minor(scalar_t* __restrict__ U, scalar_t* __re
   acc_t* __restrict__ sac = sab + kLanes;
   acc_t* __restrict__ dzdF = sac + kLanes;
   acc_t* __restrict__ dzF = dzdF + kLanes;
+  acc_t* __restrict__ zF = dzF + kLanes;          // sum_j 0 * F[j]: NaN when F is not finite
   for (int64_t b0 = begin; b0 < end; b0 += kLanes) {
     const int64_t len = std::min(kLanes, end - b0);
     for (int64_t j = 0; j < d; ++j) {
@@ -190,12 +197,13 @@ IMPFLOW_INLINE void samples_batch_minor(scalar_t* __restrict__ U, scalar_t* __re
       }
     }
 #pragma omp simd
-    for (int64_t l = 0; l < len; ++l) sab[l] = sac[l] = dzdF[l] = dzF[l] = acc_t(0);
+    for (int64_t l = 0; l < len; ++l) sab[l] = sac[l] = dzdF[l] = dzF[l] = zF[l] = acc_t(0);
     for (int64_t j = 0; j < d; ++j) {
 #pragma omp simd
       for (int64_t l = 0; l < len; ++l) {
         dzdF[l] += x[j * kLanes + l] * g[j * kLanes + l];
         dzF[l] += x[j * kLanes + l] * f[j * kLanes + l];
+        zF[l] += acc_t(0) * f[j * kLanes + l];
       }
     }
     for (int i = 0; i < n_valid; ++i) {
@@ -212,7 +220,9 @@ IMPFLOW_INLINE void samples_batch_minor(scalar_t* __restrict__ U, scalar_t* __re
           c[l] += v * f[j * kLanes + l];
         }
       }
-      const acc_t keep = (i == slot) ? acc_t(0) : acc_t(1);  // the overwritten slot drops out
+      // The overwritten slot drops out of the step: skipped, not multiplied by 0 (its NaN or
+      // Inf would remain).
+      const bool kept = i != slot;
 #pragma omp simd
       for (int64_t l = 0; l < len; ++l) sab[l] += a[l] * bb[l], sac[l] += a[l] * c[l];
       for (int64_t j = 0; j < d; ++j) {
@@ -221,7 +231,7 @@ IMPFLOW_INLINE void samples_batch_minor(scalar_t* __restrict__ U, scalar_t* __re
           const acc_t u = Ui[j * B + l];
           ub[j * kLanes + l] += u * bb[l];
           va[j * kLanes + l] += acc_t(Vi[j * B + l]) * a[l];
-          uc[j * kLanes + l] += u * (keep * c[l]);
+          if (kept) uc[j * kLanes + l] += u * c[l];
         }
       }
     }
@@ -231,7 +241,8 @@ IMPFLOW_INLINE void samples_batch_minor(scalar_t* __restrict__ U, scalar_t* __re
     // vectorise: a = 1 / denominator, bb = v_new . F, c = 1 where the update is kept.
 #pragma omp simd
     for (int64_t l = 0; l < len; ++l) {
-      const auto k = broyden_coefficients_from_sums<acc_t>(sab[l], sac[l], dzdF[l], dzF[l]);
+      const auto k =
+          broyden_coefficients_from_sums<acc_t>(sab[l], sac[l], dzdF[l], dzF[l], zF[l]);
       a[l] = k.inv_denom, bb[l] = k.vnew_dot_F, c[l] = k.valid ? acc_t(1) : acc_t(0);
     }
     for (int64_t j = 0; j < d; ++j) {

@@ -17,7 +17,7 @@ namespace impflow {
 // i * sM + j * sD from U, V (contiguous or batch-minor); the vectors are contiguous.
 
 // Pass 1: this thread's share of every dot (a_i = dz.u_i, b_i = v_i.dF, c_i = v_i.F, then
-// dz.dF and dz.F), summed over its warp; lane 0 writes them to `out` in the layout of
+// dz.dF, dz.F and 0.F), summed over its warp; lane 0 writes them to `out` in the layout of
 // broyden_dots_size. Every lane of the warp must call it (shuffles).
 template <typename scalar_t>
 __device__ __forceinline__ void warp_partial_dots(
@@ -44,16 +44,19 @@ __device__ __forceinline__ void warp_partial_dots(
       out[2 * n_valid + i] = c;
     }
   }
-  acc_t dz_dF = 0, dz_F = 0;
+  acc_t dz_dF = 0, dz_F = 0, zero_F = 0;
   for (int64_t j = first; j < end; j += stride) {
     dz_dF += acc_t(dz[j]) * acc_t(dF[j]);
     dz_F += acc_t(dz[j]) * acc_t(F[j]);
+    zero_F += acc_t(0) * acc_t(F[j]);  // NaN when F is not finite (broyden_math.h)
   }
   dz_dF = warp_sum(dz_dF);
   dz_F = warp_sum(dz_F);
+  zero_F = warp_sum(zero_F);
   if (lane0) {
     out[3 * n_valid] = dz_dF;
     out[3 * n_valid + 1] = dz_F;
+    out[3 * n_valid + 2] = zero_F;
   }
 }
 

@@ -17,11 +17,12 @@ namespace impflow {
 // one kernel (kSplit: IMPFLOW_CUDA_STEP=split; the group sizes for the tests).
 enum class StepKernel { kAuto, kSplit, kGroup32, kGroup128, kGroup256 };
 
-// The kernels keep up to 8 warps' partial dots (3 m + 2 each) in a block's shared memory, at
-// most 48 KiB without an opt-in: 255 slots in float64, 511 in float32 (the accumulators).
+// The kernels keep up to 8 warps' partial dots (3 m + 3 each, see broyden_dots_size) in a
+// block's shared memory, at most 48 KiB without an opt-in: 255 slots in float64, 511 in
+// float32 (the accumulators).
 inline int64_t max_history_slots(at::ScalarType dtype) {
   const int64_t acc_bytes = dtype == at::kDouble ? 8 : 4;
-  return (48 * 1024 / (8 * acc_bytes) - 2) / 3;
+  return (48 * 1024 / (8 * acc_bytes) - 3) / 3;
 }
 
 template <typename Launch>

@@ -22,6 +22,9 @@
 
 namespace impflow_test {
 
+constexpr double kNaN = std::numeric_limits<double>::quiet_NaN();
+constexpr double kInf = std::numeric_limits<double>::infinity();
+
 
 // Bitwise-style equality that also accepts NaN == NaN (unused slots hold NaN sentinels).
 inline bool same(double a, double b) { return (std::isnan(a) && std::isnan(b)) || a == b; }
@@ -31,7 +34,8 @@ struct Expected {
 };
 
 // The definition, per sample: H dense, v_new = H^T dz, u_new = (dz - H dF) / (v_new . dF),
-// slot <- (u_new, v_new) or zeros when the denominator is unusable, step = -H_new F.
+// slot <- (u_new, v_new) or zeros when the denominator is unusable, step = -H_new F; a step
+// of NaNs when F is not finite (broyden_step_reference's rule for NaN and Inf).
 inline Expected naive_broyden_step(const std::vector<double>& U, const std::vector<double>& V,
                             const std::vector<double>& dz, const std::vector<double>& dF,
                             const std::vector<double>& F, const std::vector<bool>& active,
@@ -77,6 +81,12 @@ inline Expected naive_broyden_step(const std::vector<double>& U, const std::vect
         for (int64_t k = 0; k < d; ++k) Hn[j * d + k] += row(out.U, i, j) * row(out.V, i, k);
     for (int64_t j = 0; j < d; ++j)
       for (int64_t k = 0; k < d; ++k) out.step[b * d + j] -= Hn[j * d + k] * F[b * d + k];
+    // Spelled out rather than left to the dense product, which gives +-Inf for some elements
+    // of a step from an infinite F: such a residual has no step, not even in part.
+    bool F_finite = true;
+    for (int64_t j = 0; j < d; ++j) F_finite = F_finite && std::isfinite(F[b * d + j]);
+    if (!F_finite)
+      for (int64_t j = 0; j < d; ++j) out.step[b * d + j] = std::numeric_limits<double>::quiet_NaN();
   }
   return out;
 }
@@ -86,14 +96,23 @@ struct Case {
   std::string mask;  // "all", "none" or "alternate"
   bool zero_dz;      // dz = 0: the denominator vanishes and the update is dropped
   bool batch_minor = false;  // U, V stored as (m, d, B): the solver's CPU layout for d <= 4
+  // `poison_value` in element d / 2 of samples 0 and 1 of one input: "F", "dz", "dF", "U" or
+  // "V" (a kept history row), "U_slot" or "V_slot" (the row being overwritten); "" for none.
+  // Kept rows take NaN only: for an Inf there, the dense H of the oracle mixes Inf of both
+  // signs into NaN where the definition's sum over pairs has a single infinite term.
+  std::string poison = "";
+  double poison_value = 0.0;
 };
 
 inline std::string name_of(const Case& c, at::ScalarType dtype) {
   char buf[160];
-  std::snprintf(buf, sizeof buf, "%s B=%ld m=%ld d=%ld n_valid=%ld slot=%ld mask=%s%s%s",
+  char poison[48] = "";
+  if (!c.poison.empty())
+    std::snprintf(poison, sizeof poison, " %s=%g", c.poison.c_str(), c.poison_value);
+  std::snprintf(buf, sizeof buf, "%s B=%ld m=%ld d=%ld n_valid=%ld slot=%ld mask=%s%s%s%s",
                 c10::toString(dtype), long(c.B), long(c.m), long(c.d), long(c.n_valid),
                 long(c.slot), c.mask.c_str(), c.zero_dz ? " dz=0" : "",
-                c.batch_minor ? " batch-minor" : "");
+                c.batch_minor ? " batch-minor" : "", poison);
   return buf;
 }
 
@@ -113,6 +132,33 @@ inline std::vector<Case> basic_cases() {
       {3, 5, 6, 5, 2, "alternate", true},   // dz = 0, full ring: slot zeroed, step w/o slot
       {3, 5, 6, 2, 2, "all", true},         // dz = 0 while filling
       {2, 1, 3, 1, 0, "all", true},         // dz = 0, m = 1: step = F
+      // NaN and Inf (see broyden_math.h). F not finite: update dropped, a step of NaNs, also
+      // with an empty history (it gave F there) and for d = 1 ... 4 (the unrolled kernel).
+      {3, 4, 2, 0, 0, "all", false, false, "F", kNaN},
+      {3, 4, 1, 2, 2, "alternate", false, false, "F", kInf},
+      {3, 4, 3, 4, 1, "all", false, false, "F", -kInf},
+      {3, 4, 4, 4, 3, "all", false, false, "F", kNaN},
+      {3, 4, 9, 4, 0, "all", false, false, "F", kInf},
+      // dz or dF not finite: update dropped, the step from the other rows.
+      {3, 4, 9, 4, 1, "all", false, false, "dz", kInf},
+      {3, 4, 2, 3, 3, "alternate", false, false, "dz", kNaN},
+      {3, 4, 9, 0, 0, "all", false, false, "dF", kNaN},
+      {3, 4, 3, 4, 2, "all", false, false, "dF", -kInf},
+      // A kept history row with a NaN: update dropped; a NaN in u_i at element d / 2 of the
+      // step, in v_i everywhere.
+      {3, 4, 9, 4, 1, "all", false, false, "U", kNaN},
+      {3, 4, 2, 3, 3, "all", false, false, "V", kNaN},
+      // The row being overwritten, not finite: in v_new (update dropped), not in the step.
+      {3, 4, 9, 4, 1, "all", false, false, "U_slot", kInf},
+      {3, 4, 2, 4, 0, "alternate", false, false, "V_slot", kNaN},
+      {3, 4, 4, 4, 2, "all", false, false, "U_slot", kNaN},
+      // Batch-minor histories (the kernels of d <= 4 on CPU).
+      {37, 4, 1, 0, 0, "all", false, true, "F", kNaN},
+      {37, 4, 2, 4, 1, "alternate", false, true, "F", kInf},
+      {37, 4, 3, 4, 2, "all", false, true, "U_slot", -kInf},
+      {37, 4, 4, 4, 3, "all", false, true, "V_slot", kNaN},
+      {37, 4, 2, 4, 0, "all", false, true, "U", kNaN},
+      {37, 4, 3, 3, 3, "alternate", false, true, "dz", kInf},
   };
 }
 
@@ -142,6 +188,18 @@ inline void run_case(const Case& c, at::ScalarType dtype, const StepOp& op,
   auto dz = c.zero_dz ? at::zeros({c.B, c.d}, opts) : at::randn({c.B, c.d}, opts);
   auto dF = (-dz + 0.1 * at::randn({c.B, c.d}, opts)).contiguous();
   auto F = at::randn({c.B, c.d}, opts);
+  if (!c.poison.empty()) {
+    // Element d / 2 of samples 0 and 1; a kept row is row 0, or 1 when slot 0 is overwritten.
+    const int64_t j = c.d / 2, kept = c.slot == 0 ? 1 : 0;
+    const bool slot_row = c.poison == "U_slot" || c.poison == "V_slot";
+    const bool history = c.poison[0] == 'U' || c.poison[0] == 'V';
+    TORCH_CHECK(!history || (slot_row ? c.slot < c.n_valid : kept < c.n_valid),
+                "case ", name, ": the poisoned history row must be one that is read");
+    at::Tensor target = c.poison == "F" ? F : c.poison == "dz" ? dz : c.poison == "dF" ? dF
+                        : c.poison[0] == 'U' ? U : V;
+    if (target.dim() == 3) target = target.select(1, slot_row ? c.slot : kept);
+    for (int64_t b = 0; b < std::min<int64_t>(c.B, 2); ++b) target[b][j] = c.poison_value;
+  }
   std::vector<bool> act(c.B);
   for (int64_t b = 0; b < c.B; ++b)
     act[b] = c.mask == "all" || (c.mask == "alternate" && b % 2 == 0);

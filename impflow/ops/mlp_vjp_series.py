@@ -8,7 +8,7 @@ intermediates; differentiating that backward again (double backward) is refused.
 
 import torch
 
-from impflow._extension import check_device
+from impflow._extension import check_device, check_same_device
 
 __all__ = ["mlp_vjp_series"]
 
@@ -50,7 +50,12 @@ def mlp_vjp_series(weights, act_derivs, v, coeffs, n_terms, *, check_finite=True
         named += [(f"act_derivs[{i}]", t) for i, t in enumerate(act_derivs)]
         named += [("v", v), ("coeffs", coeffs)]
         _check_finite(named)
-    return torch.ops.impflow.mlp_vjp_series(weights, act_derivs, v, coeffs, n_terms)
+    try:
+        return torch.ops.impflow.mlp_vjp_series(weights, act_derivs, v, coeffs, n_terms)
+    except NotImplementedError:
+        # No kernel for the device the dispatcher chose: say which argument is elsewhere.
+        _check_devices(_named_inputs(weights, act_derivs, coeffs), v)
+        raise
 
 
 def _check_finite(named):
@@ -70,14 +75,8 @@ def _named_inputs(weights, act_derivs, coeffs):
     )
 
 
-def _check_devices(named, v):
-    for name, t in named:
-        if not isinstance(t, torch.Tensor):
-            continue  # the op's schema names the wrong type
-        torch._check(
-            t.device == v.device,
-            lambda: f"mlp_vjp_series: {name} must be on v's device {v.device}, got {t.device}",
-        )
+def _check_devices(named, v, op="mlp_vjp_series"):
+    check_same_device(op, [("v", v), *named])  # a wrong type is left to the op's schema
 
 
 def _check_same_kind(weights, act_derivs, v, coeffs):
@@ -109,6 +108,14 @@ def _mlp_vjp_series_fake(weights, act_derivs, v, coeffs, n_terms):
 def _mlp_vjp_series_backward_fake(
     grad_products, grad_traces, grad_series, weights, act_derivs, v, coeffs, products
 ):
+    # Also reached by one meta tensor among real ones, where it must not pass for gradients.
+    named = _named_inputs(weights, act_derivs, coeffs) + [
+        ("products", products),
+        ("grad_products", grad_products),
+        ("grad_traces", grad_traces),
+        ("grad_series", grad_series),
+    ]
+    _check_devices(named, v, op="mlp_vjp_series_backward")
     return (
         [w.new_empty(w.shape) for w in weights],
         [t.new_empty(t.shape) for t in act_derivs],

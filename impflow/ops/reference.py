@@ -51,8 +51,24 @@ def broyden_step_reference(
     Returns:
         (B, d) the step ``-H_new F`` (zero for inactive samples).
 
-    An update whose denominator ``v_new . dF`` is zero, subnormal or not finite is dropped:
-    the slot is written with zeros, as the original code zeroes NaNs.
+    An update whose denominator ``v_new . dF`` is zero, subnormal or not finite, or whose
+    ``v_new . F`` is not finite, is dropped: the slot is written with zeros, as the original
+    code zeroes NaNs.
+
+    NaN and Inf, per active sample (IEEE arithmetic applied to the above; the fused kernels
+    follow it, see csrc/include/impflow/broyden_math.h):
+
+    * ``F`` not finite (a NaN or an Inf anywhere): the update is dropped and the whole step is
+      NaN, since the zero pair's term ``0 * (0 . F)`` is NaN in every element. A residual
+      that is not finite has no meaningful step, and none of its elements may look like one.
+    * ``dz`` or ``dF`` not finite, or a history row read (``i < n_valid``) not finite: the
+      update is dropped (its denominator or ``v_new . F`` is not finite), and the step comes
+      from the other pairs: NaN or Inf only where a kept row makes it so (a NaN in ``u_i[k]``
+      at element ``k``, in ``v_i`` everywhere).
+    * The row being overwritten (``slot`` of a full history) enters ``v_new`` and ``u_new``
+      but not the step.
+    * Inactive samples keep their history and get a zero step whatever their values; slots
+      from ``max(n_valid, slot + 1)`` on are never read.
     """
     old_U, old_V = U[:, :n_valid], V[:, :n_valid]
     v_new = broyden_rmatvec(old_U, old_V, dz)
@@ -189,7 +205,12 @@ def power_iteration_reference(weights, us, vs, n_iterations):
 
     Returns:
         (L,) ``sigma_l = u_l^T W_l v_l`` after the steps.
+
+    The lists must have one length, also when empty. No vector may share memory with another
+    vector or with a weight: the fused op runs the layers at once and refuses such input;
+    this reference, one layer after the other, does not look.
     """
+    check_power_iteration_lists(weights, us, vs, n_iterations)
     sigmas = []
     for W, u, v in zip(weights, us, vs):
         for _ in range(n_iterations):
@@ -199,6 +220,18 @@ def power_iteration_reference(weights, us, vs, n_iterations):
     if not sigmas:
         return torch.empty(0)
     return torch.stack(sigmas)
+
+
+def check_power_iteration_lists(weights, us, vs, n_iterations):
+    """The checks of csrc/include/impflow/power_checks.h that empty lists need too (no kernel
+    is reached without a tensor), with the same messages."""
+    if not len(us) == len(weights) == len(vs):
+        raise RuntimeError(
+            "power_iteration: weights, us and vs must have the same length, got "
+            f"{len(weights)}, {len(us)} and {len(vs)}"
+        )
+    if n_iterations < 0:
+        raise RuntimeError(f"power_iteration: n_iterations must be >= 0, got {n_iterations}")
 
 
 def _normalize(x):

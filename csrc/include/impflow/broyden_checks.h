@@ -38,9 +38,11 @@ inline void check_broyden_step_args(const at::Tensor& U, const at::Tensor& V, co
     TORCH_CHECK(t->scalar_type() == U.scalar_type(), "broyden_step: V, dz, dF and F must have "
                 "the dtype of U (", U.scalar_type(), "), got ", t->scalar_type());
   }
-  for (const auto* t : {&V, &dz, &dF, &F, &active}) {
-    TORCH_CHECK(t->device() == U.device(), "broyden_step: every tensor must be on U's device (",
-                U.device(), "), got one on ", t->device());
+  const std::pair<const at::Tensor*, const char*> others[] = {
+      {&V, "V"}, {&dz, "dz"}, {&dF, "dF"}, {&F, "F"}, {&active, "active"}};
+  for (const auto& [t, name] : others) {
+    TORCH_CHECK(t->device() == U.device(), "broyden_step: ", name, " must be on U's device (",
+                U.device(), "), got ", t->device());
   }
   // U and V are written in place, so a hidden copy would silently lose the update.
   TORCH_CHECK(U.strides() == V.strides() && (U.is_contiguous() || is_batch_minor(U)),

@@ -10,6 +10,17 @@
 // dots and weighted sums row by row) or twice (CUDA: all dots first, then the sums).
 // The helpers below hold everything that is not a memory access, so the CPU tests cover
 // the CUDA kernel's arithmetic too.
+//
+// NaN and Inf follow impflow.ops.reference.broyden_step_reference, which applies IEEE
+// arithmetic to the definition, with a dropped update written as a zero pair:
+//   * F not finite: v_new . F is not finite, so the update is dropped, and the zero pair's
+//     term u_new (v_new . F) = 0 * (0 . F) is NaN in every element: the whole step is NaN.
+//     The kernels get it from one more dot, 0 . F (0, or NaN when F holds a NaN or an Inf);
+//   * dz, dF or a history row not finite: the update is dropped (the denominator or v_new . F
+//     is not finite) and the step comes from the other pairs, NaN or Inf only where a kept
+//     row makes it so;
+//   * the overwritten slot enters v_new and u_new but not the step: the kernels leave it out
+//     of the step's sums (never multiply it by 0, which would turn its Inf into NaN).
 #pragma once
 
 
@@ -41,21 +52,23 @@ template <> struct SmallestNormal<double> { static constexpr double value = 2.22
 // Scalars of one sample's update, from the per-slot dots.
 template <typename acc_t>
 struct BroydenCoefficients {
-  acc_t inv_denom;  // 1 / (v_new . dF)
-  acc_t vnew_dot_F; // v_new . F
+  acc_t inv_denom;  // 1 / (v_new . dF), 0 when the update is dropped
+  acc_t vnew_dot_F; // v_new . F of the pair written: 0 . F = 0 (or NaN) when dropped
   bool valid;       // false: the update is dropped (denominator zero, tiny or not finite)
 };
 
 // Layout of the dots buffer of one sample (structure of arrays, so that loops over the slots
-// read and write contiguously): [a_0..a_{n-1}, b_0..b_{n-1}, c_0..c_{n-1}, dz.dF, dz.F].
-IMPFLOW_HOST_DEVICE int broyden_dots_size(int n_valid) { return 3 * n_valid + 2; }
+// read and write contiguously): [a_0..a_{n-1}, b_0..b_{n-1}, c_0..c_{n-1}, dz.dF, dz.F, 0.F].
+IMPFLOW_HOST_DEVICE int broyden_dots_size(int n_valid) { return 3 * n_valid + 3; }
 
-// From the sums over the old valid slots: sum_ab = sum_i a_i b_i, sum_ac = sum_i a_i c_i.
+// From the sums over the old valid slots: sum_ab = sum_i a_i b_i, sum_ac = sum_i a_i c_i, and
+// zero_dot_F = sum_j 0 * F_j (0 for a finite F, NaN otherwise).
 template <typename acc_t>
 IMPFLOW_HOST_DEVICE BroydenCoefficients<acc_t> broyden_coefficients_from_sums(acc_t sum_ab,
                                                                               acc_t sum_ac,
                                                                               acc_t dz_dot_dF,
-                                                                              acc_t dz_dot_F) {
+                                                                              acc_t dz_dot_F,
+                                                                              acc_t zero_dot_F) {
   const acc_t denom = sum_ab - dz_dot_dF;       // v_new . dF = -dz.dF + sum_i a_i b_i
   const acc_t vnew_dot_F = sum_ac - dz_dot_F;   // v_new . F  = -dz.F  + sum_i a_i c_i
   BroydenCoefficients<acc_t> out;
@@ -64,7 +77,8 @@ IMPFLOW_HOST_DEVICE BroydenCoefficients<acc_t> broyden_coefficients_from_sums(ac
   out.valid = finite_value(denom) && finite_value(vnew_dot_F) &&
               abs_value(denom) > SmallestNormal<acc_t>::value;
   out.inv_denom = out.valid ? acc_t(1) / denom : acc_t(0);
-  out.vnew_dot_F = out.valid ? vnew_dot_F : acc_t(0);
+  // A dropped update writes the zero pair, whose term in the step is 0 * (0 . F).
+  out.vnew_dot_F = out.valid ? vnew_dot_F : zero_dot_F;
   return out;
 }
 
@@ -79,13 +93,15 @@ IMPFLOW_HOST_DEVICE BroydenCoefficients<acc_t> broyden_coefficients(const acc_t*
     sum_ab += a[i] * b[i];
     sum_ac += a[i] * c[i];
   }
-  return broyden_coefficients_from_sums(sum_ab, sum_ac, dots[3 * n_valid], dots[3 * n_valid + 1]);
+  return broyden_coefficients_from_sums(sum_ab, sum_ac, dots[3 * n_valid], dots[3 * n_valid + 1],
+                                        dots[3 * n_valid + 2]);
 }
 
 // One element j of the new pair and of the step, given the row sums
 //   sum_u_b = sum_i u_i[j] b_i,  sum_v_a = sum_i v_i[j] a_i  over the old valid slots, and
 //   sum_u_c = sum_i u_i[j] c_i   over the old valid slots except the one being overwritten,
 // and the sample's coefficients (passed as scalars, which keeps CPU loops vectorisable).
+// A dropped update (valid false) gives the zero pair and the step's term 0 * vnew_dot_F.
 template <typename acc_t>
 IMPFLOW_HOST_DEVICE void broyden_element_scalars(acc_t dz, acc_t dF, acc_t F, acc_t sum_u_b,
                                                  acc_t sum_v_a, acc_t sum_u_c, acc_t inv_denom,

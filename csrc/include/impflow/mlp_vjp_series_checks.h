@@ -25,8 +25,8 @@ inline void check_mlp_vjp_series_args(at::TensorList weights, at::TensorList act
   const auto same_kind = [&](const at::Tensor& t, const std::string& name) {
     TORCH_CHECK(t.scalar_type() == v.scalar_type(), op, name, " must have v's dtype ",
                 v.scalar_type(), ", got ", t.scalar_type());
-    TORCH_CHECK(t.device() == v.device(), op, name, " must be on v's device ", v.device(),
-                ", got ", t.device());
+    TORCH_CHECK(t.device() == v.device(), op, name, " must be on v's device (", v.device(),
+                "), got ", t.device());
   };
   for (int64_t i = 0; i < L; ++i) {
     const auto& W = weights[i];

@@ -92,6 +92,13 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> mlp_vjp_series_forward(
     at::TensorList weights, at::TensorList act_derivs, const at::Tensor& v_in,
     const at::Tensor& coeffs_in, int64_t n_terms) {
   check_mlp_vjp_series_args(weights, act_derivs, v_in, coeffs_in, n_terms);
+  if (v_in.numel() == 0) {
+    // No sample or no element: nothing to multiply (an empty batch took n_terms empty
+    // steps, 30 s for n_terms = 10^7). A trace over no element is 0.
+    const int64_t B = v_in.size(0), d = v_in.size(1);
+    return {at::empty({n_terms, B, d}, v_in.options()), at::zeros({n_terms, B}, v_in.options()),
+            at::zeros({B}, v_in.options())};
+  }
   const auto W = right_operands(weights);
   const auto D = contiguous_all(act_derivs);
   const auto v = v_in.contiguous();
@@ -134,6 +141,14 @@ mlp_vjp_series_backward(const at::Tensor& grad_products_in, const at::Tensor& gr
                         const at::Tensor& coeffs_in, const at::Tensor& products_in) {
   check_mlp_vjp_series_backward_args(grad_products_in, grad_traces_in, grad_series_in, weights,
                                      act_derivs, v_in, coeffs_in, products_in);
+  if (v_in.numel() == 0) {
+    // No sample or no element: every output of the forward is empty or 0 whatever the
+    // inputs, so every gradient is 0, without the n steps back.
+    std::vector<at::Tensor> grad_W, grad_D;
+    for (const auto& w : weights) grad_W.push_back(at::zeros(w.sizes(), v_in.options()));
+    for (const auto& t : act_derivs) grad_D.push_back(at::zeros(t.sizes(), v_in.options()));
+    return {grad_W, grad_D, at::zeros(v_in.sizes(), v_in.options())};
+  }
   const auto W = right_operands(weights);
   const auto D = contiguous_all(act_derivs);
   const auto v = v_in.contiguous();
