@@ -8,7 +8,7 @@ import torch
 from impflow.ops import solver_track
 from impflow.ops.reference import solver_track_reference
 from impflow.ops.track import ACTIVE, BLOWUP, CONVERGED, FALLBACK, NONFINITE
-from testing import DEVICES, DTYPES, noncontiguous
+from testing import DEVICES, DTYPES, HAS_CUDA, noncontiguous
 
 SETTINGS = dict(tol=1e-3, floor_scale=1e-7, divergence_ratio=10.0)
 
@@ -247,3 +247,35 @@ def test_float64_norms_neither_overflow_nor_underflow(impl, device):
         state[4][3].cpu(), torch.tensor([5e200, 2**0.5, 2**0.5, 0.0], dtype=torch.float64)
     )
     assert not bool((status & NONFINITE).any())
+
+
+NAMES = ["z", "F", "best_z", "best_F", "best", "status", "nstep"]
+
+
+@pytest.mark.parametrize("which", range(7), ids=NAMES)
+def test_a_meta_tensor_among_cpu_ones_is_refused(which):
+    """A meta tensor sends the call to the fake kernel (the dispatcher takes the device of
+    highest priority): no error, and nothing updated."""
+    state = make_state(4, 3, torch.float32, "cpu", seed=5)
+    state[which] = state[which].to("meta")
+    if which == 0:
+        message = "solver_track: F must be on z's device \\(meta\\), got cpu"
+    else:
+        message = f"solver_track: {NAMES[which]} must be on z's device \\(cpu\\), got meta"
+    with pytest.raises(RuntimeError, match=message):
+        solver_track(*state, 1e-3, 1e-7, 10.0, False)
+
+
+def test_all_meta_tensors_reach_the_fake_kernel():
+    state = [t.to("meta") for t in make_state(4, 3, torch.float32, "cpu", seed=5)]
+    counts, mask = solver_track(*state, 1e-3, 1e-7, 10.0, False)
+    assert counts.device.type == "meta" and mask.shape == (4,)
+
+
+@pytest.mark.skipif(not HAS_CUDA, reason="needs a CUDA GPU")
+@pytest.mark.cuda
+def test_a_cpu_tensor_among_cuda_ones_is_refused_by_name():
+    state = make_state(4, 3, torch.float32, "cuda", seed=5)
+    state[5] = state[5].cpu()
+    with pytest.raises(RuntimeError, match="solver_track: status must be on z's device"):
+        solver_track(*state, 1e-3, 1e-7, 10.0, False)

@@ -32,9 +32,12 @@ inline void check_solver_track_args(const at::Tensor& z, const at::Tensor& F,
   TORCH_CHECK(nstep.dim() == 1 && nstep.size(0) == B && nstep.scalar_type() == at::kLong,
               "solver_track: nstep must be an int64 tensor of shape (", B, "), got ",
               nstep.scalar_type(), " ", nstep.sizes());
-  for (const auto* t : {&F, &best_z, &best_F, &best, &status, &nstep}) {
-    TORCH_CHECK(t->device() == z.device(), "solver_track: every tensor must be on z's device (",
-                z.device(), "), got one on ", t->device());
+  const std::pair<const at::Tensor*, const char*> others[] = {
+      {&F, "F"}, {&best_z, "best_z"}, {&best_F, "best_F"}, {&best, "best"}, {&status, "status"},
+      {&nstep, "nstep"}};
+  for (const auto& [t, name] : others) {
+    TORCH_CHECK(t->device() == z.device(), "solver_track: ", name, " must be on z's device (",
+                z.device(), "), got ", t->device());
   }
   // The state tensors are updated in place: a hidden copy would lose the update.
   for (const auto* t : {&best_z, &best_F, &best, &status, &nstep}) {
