@@ -34,16 +34,17 @@ def blown_up(tensors: Mapping, what: str, *, overflow: bool = True) -> str | Non
 
 
 def model_failure(err: Exception, model: nn.Module, step: int, group) -> str | None:
-    """What to report when training step ``step`` raised ``err``: the model met NaN or Inf, or
-    its weights blew up; None for any other error (it propagates as it is)."""
+    """What to report when training step ``step`` raised ``err``: its weights blew up (said
+    first: it is the cause), or the model met NaN or Inf; None for any other error (it
+    propagates as it is)."""
     rank = f" on rank {group.rank} of {group.world_size}" if group.distributed else ""
-    if isinstance(err, NonFiniteError) or "NaN or Inf" in str(err):
-        return f"the model met NaN or Inf at step {step}{rank} ({err})"
     grads = {n: p.grad for n, p in model.named_parameters() if p.grad is not None}
     blown = blown_up(model.state_dict(), "parameter") or blown_up(
         grads, "the gradient of", overflow=False
     )
     if blown is None:
+        if isinstance(err, NonFiniteError) or "NaN or Inf" in str(err):
+            return f"the model met NaN or Inf at step {step}{rank} ({err})"
         return None
     first_line = (str(err).strip().splitlines() or [""])[0]
     return (
