@@ -71,6 +71,7 @@ from _timing import (
 )  # noqa: E402
 from impflow.data.toy import sample_toy  # noqa: E402
 from impflow.logdet import exact_logdet  # noqa: E402
+from impflow.nn._frozen import power_iteration_paused  # noqa: E402
 
 COEFF = 0.99
 POWER_ITERATIONS = 5
@@ -216,10 +217,13 @@ def flat_grads(nets):
     )
 
 
-def float64_copies(nets, eval_mode):
+def float64_copies(nets):
+    """float64 copies of ``nets`` in training mode; :func:`residual_of` evaluates them at their
+    stored power-iteration vectors as they are (the weights of the call they were copied
+    after), with no step and no refresh."""
     copies = [copy.deepcopy(g).double() for g in nets]
     for g in copies:
-        g.train(not eval_mode)
+        g.train(True)
     return copies
 
 
@@ -227,7 +231,7 @@ def residual_of(kind, nets64, u, y, forward):
     """``F`` ``(B, d)``, in float64, of the root ``y`` of input ``u`` (``forward``: ``u`` = x,
     ``y`` = z; else ``u`` = z, ``y`` = x); ``nets64`` hold the weights of the call."""
     u, y = u.detach().double(), y.detach().double()
-    with torch.no_grad():
+    with torch.no_grad(), power_iteration_paused(*nets64):
         if kind == "residual":
             (g,) = nets64
             x, z = (u, y) if forward else (y, u)
@@ -245,7 +249,7 @@ def residual_max(kind, nets64, u, y, forward):
 def reference_step(kind, nets, snapshot, x):
     """Loss and gradient of impflow's block in float64 with tight tolerances, from the same
     state (weights and power-iteration vectors) as the timed steps."""
-    nets64 = float64_copies(nets, eval_mode=False)
+    nets64 = float64_copies(nets)
     for g, state in zip(nets64, snapshot):
         g.load_state_dict(state)
     options = {
@@ -304,7 +308,7 @@ def accuracy_step(kind, sides, nets, snapshot, x, reference):
             "warnings": len(caught),
         }
         if kind == "implicit":  # the weights of the call: the state after its power iteration
-            res = residual_max(kind, float64_copies(nets, eval_mode=True), x, z, forward=True)
+            res = residual_max(kind, float64_copies(nets), x, z, forward=True)
             row["residual_max"] = float(res.max())
             row["residual_median"] = float(res.median())
         row.update(solver_summary(side, kind, block, "step"))
@@ -323,7 +327,7 @@ def accuracy_sample(kind, sides, nets, z):
     """Residual of the samples each side's timed call returns; for impflow also their largest
     difference from the x of its inverse with the log-det."""
     out = {}
-    nets64 = float64_copies(nets, eval_mode=True)
+    nets64 = float64_copies(nets)
     for side, block in sides.items():
         with warnings.catch_warnings(record=True) as caught, torch.no_grad():
             warnings.simplefilter("always")
